@@ -1,0 +1,35 @@
+"""The `backupfs` command. Each command group lives in its own module and registers itself
+on `main`; this module only sets up logging and turns user errors into one-line messages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..errors import BackupfsError
+
+
+class BackupfsGroup(click.Group):
+    """Runs commands so that a BackupfsError is one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BackupfsError as e:
+            click.echo(f"backupfs: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=BackupfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="backupfs")
+def main(verbose: int) -> None:
+    """backupfs: a backup filesystem with instant snapshots and verified, deduplicated storage."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# Command modules register themselves on `main` when imported.
+from . import store_cmds  # noqa: E402,F401

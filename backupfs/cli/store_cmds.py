@@ -1,0 +1,22 @@
+"""Commands that work on a store directory without a mount: init."""
+
+from __future__ import annotations
+
+import click
+
+from ..store import Store, parse_size
+from ..store.config import DEFAULT_COMPRESSION
+from . import main
+
+
+@main.command("init")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--block-size", default="128K", show_default=True,
+              help="Block size: a power of two from 4K to 4M. Fixed for the store's life.")
+@click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True,
+              help="zstd:LEVEL (-7..22) or none.")
+def init_cmd(store: str, block_size: str, compression: str) -> None:
+    """Create a new, empty store in STORE (a new or empty directory)."""
+    config = Store.init(store, block_size=parse_size(block_size), compression=compression)
+    click.echo(f"initialised backupfs store {store} "
+               f"(block size {config.block_size // 1024} KiB, compression {config.compression})")

@@ -1,0 +1,310 @@
+"""`BlockStore`: put, get and reference-count content-addressed blocks.
+
+A block is named by the BLAKE3 hash of its plaintext and stored once, however many
+files and snapshots use it. Every reference is counted explicitly: `put` adds one,
+`incref`/`decref` move it; a block at zero is dead space in its pack until `compact`.
+Reads always re-hash: `get` returns the exact bytes that were put, or raises CorruptBlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from functools import partial
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import trio
+
+from ..errors import CorruptBlock, MissingBlock
+from . import codec
+from .codec import RECORD_HEADER_LEN, EncodedBlock
+from .packs import PACK_HEADER_LEN
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+# blocks db: hash -> pack id u32, offset u64, stored length u32, raw length u32, codec u8, refcount u64
+BLOCK_VALUE = struct.Struct(">IQIIBQ")
+# dead db: pack id u32 + hash -> b"" (blocks at refcount zero, by pack, for compaction)
+DEAD_KEY = struct.Struct(">I32s")
+
+# Worker threads for hashing, compression and verified reads: one per core is all that helps.
+_cpu_limiter: trio.CapacityLimiter | None = None
+
+
+def cpu_limiter() -> trio.CapacityLimiter:
+    global _cpu_limiter
+    if _cpu_limiter is None:
+        import os
+
+        _cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    return _cpu_limiter
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLocation:
+    hash: bytes
+    pack_id: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+    refcount: int
+
+    @property
+    def record_len(self) -> int:
+        return RECORD_HEADER_LEN + self.stored_len
+
+    def value(self) -> bytes:
+        return BLOCK_VALUE.pack(self.pack_id, self.offset, self.stored_len, self.raw_len,
+                                self.codec, self.refcount)
+
+    @classmethod
+    def from_value(cls, h: bytes, v: bytes) -> "BlockLocation":
+        return cls(h, *BLOCK_VALUE.unpack(v))
+
+
+@dataclass
+class CompactResult:
+    packs_rewritten: int = 0
+    bytes_freed: int = 0
+    blocks_moved: int = 0
+    blocks_dropped: int = 0
+    corrupt: list[CorruptBlock] | None = None
+
+
+class BlockStore:
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.packs = store.packs
+        self.compression = store.config.compression
+        self.db = store.open_db("blocks")
+        self.dead_db = store.open_db("dead")
+        self.checksum_errors = 0
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def locate(self, h: bytes) -> BlockLocation:
+        v = self.store.txn.get(h, db=self.db)
+        if v is None:
+            raise MissingBlock(h)
+        return BlockLocation.from_value(h, v)
+
+    def refcount(self, h: bytes) -> int:
+        v = self.store.txn.get(h, db=self.db)
+        return BLOCK_VALUE.unpack(v)[5] if v else 0
+
+    def __contains__(self, h: bytes) -> bool:
+        return self.refcount(h) > 0
+
+    def iter_locations(self) -> Iterator[BlockLocation]:
+        for k, v in self.store.txn.cursor(db=self.db):
+            yield BlockLocation.from_value(bytes(k), bytes(v))
+
+    # -- writing ---------------------------------------------------------------------
+
+    def put(self, data: bytes) -> bytes:
+        """Store one block (or count one more reference to it); returns its hash."""
+        h = codec.block_hash(data)
+        if self._incref_existing(h):
+            return h
+        return self.put_encoded(codec.encode(data, self.compression, h))
+
+    def put_encoded(self, block: EncodedBlock) -> bytes:
+        """Store an already hashed and compressed block, counting one reference."""
+        if self._incref_existing(block.hash):
+            return block.hash
+        pack_id, offset = self.packs.append(block.record())
+        loc = BlockLocation(block.hash, pack_id, offset, len(block.payload), block.raw_len,
+                            block.codec, 1)
+        self.store.txn.put(block.hash, loc.value(), db=self.db)
+        return block.hash
+
+    async def put_many(self, blocks: Sequence[bytes]) -> list[bytes]:
+        """Store many blocks, hashing and compressing them in worker threads.
+
+        Blocks already in the store are only counted again and never compressed: a
+        nightly copy of an unchanged tree costs one hash per block.
+        """
+        limiter = cpu_limiter()
+        hashes = await trio.to_thread.run_sync(
+            lambda: [codec.block_hash(b) for b in blocks], limiter=limiter
+        )
+        new = {}
+        for data, h in zip(blocks, hashes):
+            if h not in new and self.refcount(h) == 0 and self._find_dead(h) is None:
+                new[h] = data
+        encoded: dict[bytes, EncodedBlock] = {}
+        if new:
+            items = list(new.items())
+
+            def encode_share(share):
+                for h, d in share:
+                    encoded[h] = codec.encode(d, self.compression, h)
+
+            n = min(len(items), max(1, int(limiter.total_tokens)))
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(partial(trio.to_thread.run_sync, encode_share,
+                                               items[i::n], limiter=limiter))
+        for data, h in zip(blocks, hashes):
+            e = encoded.pop(h, None)
+            if e is not None:
+                self.put_encoded(e)
+            elif not self._incref_existing(h):
+                # Compaction dropped it while we were hashing: store it after all.
+                self.put_encoded(codec.encode(data, self.compression, h))
+        return hashes
+
+    def incref(self, h: bytes, n: int = 1) -> None:
+        loc = self.locate(h)
+        if loc.refcount == 0:
+            self._revive(loc)
+        self._set_refcount(loc, loc.refcount + n)
+
+    def decref(self, h: bytes, n: int = 1) -> None:
+        loc = self.locate(h)
+        if loc.refcount < n:
+            raise ValueError(f"refcount of {h.hex()} would go below zero")
+        new = loc.refcount - n
+        self._set_refcount(loc, new)
+        if new == 0:
+            self.store.txn.put(DEAD_KEY.pack(loc.pack_id, h), b"", db=self.dead_db)
+            self.store.add_dead_bytes(loc.pack_id, loc.record_len)
+
+    def _set_refcount(self, loc: BlockLocation, refcount: int) -> None:
+        v = BLOCK_VALUE.pack(loc.pack_id, loc.offset, loc.stored_len, loc.raw_len, loc.codec,
+                             refcount)
+        self.store.txn.put(loc.hash, v, db=self.db)
+
+    def _incref_existing(self, h: bytes) -> bool:
+        v = self.store.txn.get(h, db=self.db)
+        if v is None:
+            return False
+        self.incref(h)
+        return True
+
+    def _find_dead(self, h: bytes) -> BlockLocation | None:
+        v = self.store.txn.get(h, db=self.db)
+        if v is None:
+            return None
+        loc = BlockLocation.from_value(h, v)
+        return loc if loc.refcount == 0 else None
+
+    def _revive(self, loc: BlockLocation) -> None:
+        self.store.txn.delete(DEAD_KEY.pack(loc.pack_id, loc.hash), db=self.dead_db)
+        self.store.add_dead_bytes(loc.pack_id, -loc.record_len)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read_verified(self, loc: BlockLocation) -> bytes:
+        """Read and verify one block at a known location. Thread-safe (no LMDB access)."""
+        record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
+        try:
+            return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
+        except CorruptBlock as e:
+            self.checksum_errors += 1
+            log.error("%s (pack file %s)", e, self.packs.path(loc.pack_id))
+            raise
+
+    def get(self, h: bytes) -> bytes:
+        """The verified plaintext of a block; CorruptBlock rather than wrong bytes."""
+        return self.read_verified(self.locate(h))
+
+    async def get_async(self, h: bytes) -> bytes:
+        loc = self.locate(h)
+        return await trio.to_thread.run_sync(self.read_verified, loc, limiter=cpu_limiter())
+
+    # -- dead space ------------------------------------------------------------------
+
+    def dead_bytes(self) -> int:
+        return sum(self.store.pack_info(p)[1] for p in self.store.committed_pack_lengths())
+
+    def compact_candidates(self, threshold: float) -> list[int]:
+        """Closed packs whose dead share is over `threshold` (0..1)."""
+        out = []
+        current = self.packs.current_pack
+        for pack_id in sorted(self.store.committed_pack_lengths()):
+            if pack_id == current:
+                continue
+            length, dead = self.store.pack_info(pack_id)
+            body = max(1, length - PACK_HEADER_LEN)
+            if dead and dead / body > threshold:
+                out.append(pack_id)
+        return out
+
+    def compact_pack(self, pack_id: int, result: CompactResult) -> bool:
+        """Move the live blocks of one pack into the current pack, then delete it.
+
+        Crash-safe: the old pack is deleted only after the commit that moves its blocks.
+        A live block that fails verification is left where it is, and so is its pack.
+        """
+        length, _ = self.store.pack_info(pack_id)
+        data = self.packs.read(pack_id, 0, length)
+        moved, dropped = 0, 0
+        pos = PACK_HEADER_LEN
+        while pos + RECORD_HEADER_LEN <= len(data):
+            parsed = codec.parse_record_header(data[pos:pos + RECORD_HEADER_LEN])
+            if parsed is None:
+                break  # damaged framing: what follows is found through the index below
+            _, _, stored_len, h = parsed
+            end = pos + RECORD_HEADER_LEN + stored_len
+            v = self.store.txn.get(h, db=self.db)
+            if v is not None:
+                loc = BlockLocation.from_value(h, v)
+                if loc.pack_id == pack_id and loc.offset == pos:
+                    if loc.refcount == 0:
+                        self.store.txn.delete(h, db=self.db)
+                        self.store.txn.delete(DEAD_KEY.pack(pack_id, h), db=self.dead_db)
+                        dropped += 1
+                    else:
+                        self._move(loc, data[pos:end])
+                        moved += 1
+            pos = end
+        # Anything the index still places in this pack (past damaged framing) must move too.
+        leftovers = [loc for loc in self.iter_locations() if loc.pack_id == pack_id]
+        for loc in leftovers:
+            if loc.refcount == 0:
+                self.store.txn.delete(loc.hash, db=self.db)
+                self.store.txn.delete(DEAD_KEY.pack(pack_id, loc.hash), db=self.dead_db)
+                dropped += 1
+            else:
+                record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
+                try:
+                    self._move(loc, record)
+                except CorruptBlock as e:
+                    result.corrupt = (result.corrupt or []) + [e]
+                    return False
+                moved += 1
+        self.store.drop_pack_record(pack_id)
+        self.store.commit()
+        self.packs.remove(pack_id)
+        result.packs_rewritten += 1
+        result.bytes_freed += length
+        result.blocks_moved += moved
+        result.blocks_dropped += dropped
+        return True
+
+    def _move(self, loc: BlockLocation, record: bytes) -> None:
+        # Verify before copying: compaction must never spread a bad block.
+        codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
+        new_pack, new_offset = self.packs.append(record)
+        moved = BlockLocation(loc.hash, new_pack, new_offset, loc.stored_len, loc.raw_len,
+                              loc.codec, loc.refcount)
+        self.store.txn.put(loc.hash, moved.value(), db=self.db)
+
+    def compact(self, threshold: float = 0.5,
+                progress: Callable[[int, int], None] | None = None) -> CompactResult:
+        result = CompactResult()
+        candidates = self.compact_candidates(threshold)
+        for i, pack_id in enumerate(candidates):
+            try:
+                self.compact_pack(pack_id, result)
+            except CorruptBlock as e:
+                result.corrupt = (result.corrupt or []) + [e]
+            if progress:
+                progress(i + 1, len(candidates))
+        return result

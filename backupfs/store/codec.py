@@ -1,0 +1,125 @@
+"""Block encoding: the hash that names a block, compression, and the record framing in packs.
+
+Everything here is pure CPU work on bytes, safe to call from worker threads: BLAKE3 and
+zstd release the GIL, so sealing and verifying blocks uses both cores.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import blake3
+import zstandard
+
+from ..errors import CorruptBlock
+from .config import Compression
+
+HASH_LEN = 32
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+# Record header in a pack, before the stored bytes:
+#   magic 'BK', codec u8, reserved u8, raw length u32, stored length u32, hash 32 bytes
+RECORD_MAGIC = b"BK"
+RECORD_HEADER = struct.Struct(">2sBBII32s")
+RECORD_HEADER_LEN = RECORD_HEADER.size  # 44
+
+
+def block_hash(data: bytes | memoryview) -> bytes:
+    """The 32-byte BLAKE3 hash of a block's plaintext: its address in the store."""
+    return blake3.blake3(data).digest()
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor objects are not thread-safe: one per thread and level.
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBlock:
+    """A block ready to append to a pack: its hash, codec and the bytes to store."""
+
+    hash: bytes
+    codec: int
+    raw_len: int
+    payload: bytes
+
+    def record(self) -> bytes:
+        header = RECORD_HEADER.pack(
+            RECORD_MAGIC, self.codec, 0, self.raw_len, len(self.payload), self.hash
+        )
+        return header + self.payload
+
+
+def encode(data: bytes, compression: Compression, digest: bytes | None = None) -> EncodedBlock:
+    """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it."""
+    data = bytes(data)
+    h = digest if digest is not None else block_hash(data)
+    if compression.codec == "zstd" and data:
+        packed = _compressor(compression.level).compress(data)
+        if len(packed) < len(data):
+            return EncodedBlock(h, CODEC_ZSTD, len(data), packed)
+    return EncodedBlock(h, CODEC_RAW, len(data), data)
+
+
+def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int) -> bytes:
+    """Check a record read from a pack and return the block's plaintext.
+
+    Raises CorruptBlock on any mismatch: framing, lengths, decompression or hash.
+    Never returns bytes whose BLAKE3 hash is not `expected_hash`.
+    """
+
+    def corrupt(reason: str) -> CorruptBlock:
+        return CorruptBlock(expected_hash, pack_id, offset, reason)
+
+    if len(record) < RECORD_HEADER_LEN:
+        raise corrupt("record is cut short")
+    magic, codec, _, raw_len, stored_len, h = RECORD_HEADER.unpack_from(record)
+    if magic != RECORD_MAGIC:
+        raise corrupt("bad record magic")
+    if h != expected_hash:
+        raise corrupt("record header names another block")
+    payload = memoryview(record)[RECORD_HEADER_LEN:]
+    if len(payload) != stored_len:
+        raise corrupt("stored length does not match the record")
+    if codec == CODEC_RAW:
+        data = bytes(payload)
+    elif codec == CODEC_ZSTD:
+        try:
+            data = _decompressor().decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise corrupt(f"zstd: {e}") from None
+    else:
+        raise corrupt(f"unknown codec {codec}")
+    if len(data) != raw_len or block_hash(data) != expected_hash:
+        raise corrupt("checksum mismatch")
+    return data
+
+
+def parse_record_header(header: bytes) -> tuple[int, int, int, bytes] | None:
+    """(codec, raw_len, stored_len, hash) of a record header, or None if it is not one."""
+    if len(header) < RECORD_HEADER_LEN:
+        return None
+    magic, codec, _, raw_len, stored_len, h = RECORD_HEADER.unpack_from(header)
+    if magic != RECORD_MAGIC:
+        return None
+    return codec, raw_len, stored_len, h

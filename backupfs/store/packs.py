@@ -1,0 +1,222 @@
+"""Pack files: append-only files of block records, rotated at about 64 MiB.
+
+A pack's bytes count only up to the length the index committed for it; anything beyond
+is the tail of a write that never committed and is cut off when the store opens.
+Closed packs are never written again (compaction writes live blocks into the current
+pack and deletes the old file once the index no longer points into it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from pathlib import Path
+
+from ..errors import StoreError
+
+log = logging.getLogger(__name__)
+
+PACK_MAGIC = b"BKFSPACK"
+PACK_HEADER = struct.Struct(">8sII")  # magic, pack format version, pack id
+PACK_HEADER_LEN = PACK_HEADER.size
+PACK_VERSION = 1
+DEFAULT_ROTATE_SIZE = 64 * 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PackSet:
+    """The pack files of one store: one pack open for appending, cached read handles."""
+
+    def __init__(self, root: Path, rotate_size: int = DEFAULT_ROTATE_SIZE, readonly: bool = False):
+        self.root = Path(root)
+        self.rotate_size = rotate_size
+        self.readonly = readonly
+        self._read_fds: dict[int, int] = {}
+        self._read_lock = threading.Lock()
+        self._write_id: int | None = None
+        self._write_fd: int | None = None
+        self._write_len = 0
+        self._next_id = 1
+        self._dirty: set[int] = set()  # packs written since the last sync
+        self._dirs_to_sync: set[Path] = set()
+        self._lengths: dict[int, int] = {}  # current (possibly uncommitted) lengths
+
+    # -- naming ---------------------------------------------------------------------
+
+    def path(self, pack_id: int) -> Path:
+        return self.root / f"{pack_id >> 8:02x}" / f"{pack_id:06d}.pack"
+
+    def on_disk(self) -> dict[int, Path]:
+        """Every pack file present, by id (whatever the index says)."""
+        found = {}
+        if self.root.is_dir():
+            for sub in self.root.iterdir():
+                if not sub.is_dir():
+                    continue
+                for f in sub.glob("*.pack"):
+                    try:
+                        found[int(f.stem)] = f
+                    except ValueError:
+                        continue
+        return found
+
+    # -- opening --------------------------------------------------------------------
+
+    def recover(self, committed: dict[int, int]) -> list[str]:
+        """Bring the files in line with the committed lengths the index records.
+
+        Tails past a committed length are cut; pack files the index does not know were
+        being written when the last writer stopped and are deleted. Returns what was
+        done, one line per action, for the log.
+        """
+        actions = []
+        for pack_id, path in sorted(self.on_disk().items()):
+            if pack_id not in committed:
+                if not self.readonly:
+                    path.unlink()
+                    actions.append(f"removed uncommitted pack {path.name}")
+                continue
+            size = path.stat().st_size
+            want = committed[pack_id]
+            if size > want and not self.readonly:
+                os.truncate(path, want)
+                actions.append(f"cut {size - want} uncommitted bytes from {path.name}")
+        self._lengths = dict(committed)
+        self._next_id = max(committed, default=0) + 1
+        return actions
+
+    # -- writing --------------------------------------------------------------------
+
+    def append(self, record: bytes) -> tuple[int, int]:
+        """Append one record; returns (pack id, offset). Durable only after `sync`."""
+        if self.readonly:
+            raise StoreError("store is open read-only")
+        if self._write_fd is None or (
+            self._write_len > PACK_HEADER_LEN and self._write_len + len(record) > self.rotate_size
+        ):
+            self._open_for_append()
+        offset = self._write_len
+        written = os.pwrite(self._write_fd, record, offset)
+        if written != len(record):
+            # A short write means the disk is full; the bytes past our length are garbage
+            # that the next append overwrites.
+            raise OSError(28, "No space left on device (short write to pack)")
+        self._write_len += written
+        self._lengths[self._write_id] = self._write_len
+        self._dirty.add(self._write_id)
+        return self._write_id, offset
+
+    def _open_for_append(self) -> None:
+        # Continue the newest pack while it has room, else start a new one.
+        newest = max(self._lengths, default=None)
+        if self._write_fd is None and newest is not None and self._lengths[newest] < self.rotate_size:
+            self._write_id = newest
+            self._write_fd = os.open(self.path(newest), os.O_WRONLY)
+            self._write_len = self._lengths[newest]
+            return
+        self._close_write_fd()
+        pack_id = self._next_id
+        self._next_id += 1
+        path = self.path(pack_id)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs_to_sync.add(self.root)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, pack_id)
+        try:
+            os.pwrite(fd, header, 0)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._dirs_to_sync.add(path.parent)
+        self._write_id, self._write_fd, self._write_len = pack_id, fd, PACK_HEADER_LEN
+        self._lengths[pack_id] = PACK_HEADER_LEN
+        self._dirty.add(pack_id)
+
+    def _close_write_fd(self) -> None:
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+            self._write_id = None
+
+    def sync(self) -> dict[int, int]:
+        """fsync every pack written since the last sync (and new directory entries).
+
+        Returns {pack id: length} for those packs: the lengths to commit to the index,
+        which must happen only after this returns.
+        """
+        synced = {}
+        for pack_id in sorted(self._dirty):
+            if pack_id == self._write_id:
+                os.fsync(self._write_fd)
+            else:
+                fd = os.open(self.path(pack_id), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            synced[pack_id] = self._lengths[pack_id]
+        for d in sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True):
+            _fsync_dir(d)
+        self._dirty.clear()
+        self._dirs_to_sync.clear()
+        return synced
+
+    @property
+    def current_pack(self) -> int | None:
+        return self._write_id
+
+    def length(self, pack_id: int) -> int:
+        return self._lengths.get(pack_id, 0)
+
+    def remove(self, pack_id: int) -> None:
+        """Delete a pack whose blocks the committed index no longer references."""
+        if pack_id == self._write_id:
+            self._close_write_fd()
+        with self._read_lock:
+            fd = self._read_fds.pop(pack_id, None)
+        if fd is not None:
+            os.close(fd)
+        self._lengths.pop(pack_id, None)
+        self._dirty.discard(pack_id)
+        try:
+            self.path(pack_id).unlink()
+        except FileNotFoundError:
+            pass
+        self._dirs_to_sync.add(self.path(pack_id).parent)
+
+    # -- reading --------------------------------------------------------------------
+
+    def read(self, pack_id: int, offset: int, length: int) -> bytes:
+        """Read bytes from a pack. Thread-safe; may return fewer bytes at the end of a file."""
+        fd = self._read_fds.get(pack_id)
+        if fd is None:
+            with self._read_lock:
+                fd = self._read_fds.get(pack_id)
+                if fd is None:
+                    try:
+                        fd = os.open(self.path(pack_id), os.O_RDONLY)
+                    except FileNotFoundError:
+                        return b""
+                    self._read_fds[pack_id] = fd
+        return os.pread(fd, length, offset)
+
+    def forget_read_handles(self) -> None:
+        with self._read_lock:
+            fds, self._read_fds = self._read_fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def close(self) -> None:
+        self._close_write_fd()
+        self.forget_read_handles()

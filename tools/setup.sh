@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything backupfs needs on a fresh Debian 12 machine (run as root).
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in fuse3 libfuse3-dev pkg-config rsync attr; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import backupfs, pyfuse3, pytest_trio, hypothesis' >/dev/null 2>&1 \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+    echo "setup: installing backupfs and its dependencies into .venv" >&2
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    touch .venv/.installed
+fi
