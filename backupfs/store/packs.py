@@ -49,6 +49,7 @@ class PackSet:
         self._dirty: set[int] = set()  # packs written since the last sync
         self._dirs_to_sync: set[Path] = set()
         self._lengths: dict[int, int] = {}  # current (possibly uncommitted) lengths
+        self._synced_unrecorded: dict[int, int] = {}
 
     # -- naming ---------------------------------------------------------------------
 
@@ -170,7 +171,17 @@ class PackSet:
             _fsync_dir(d)
         self._dirty.clear()
         self._dirs_to_sync.clear()
+        self._synced_unrecorded.update(synced)
         return synced
+
+    def take_synced_lengths(self) -> dict[int, int]:
+        """Lengths synced (possibly by an earlier `sync` in a worker thread) and not yet
+        recorded in the index; the caller records them in the commit that follows."""
+        out, self._synced_unrecorded = self._synced_unrecorded, {}
+        return out
+
+    def has_unsynced(self) -> bool:
+        return bool(self._dirty or self._dirs_to_sync)
 
     @property
     def current_pack(self) -> int | None:

@@ -190,7 +190,11 @@ class Store:
             self.txn.abort()
             self.txn = self.env.begin(write=False)
             return
-        for pack_id, length in self.packs.sync().items():
+        # Packs may have been synced already (by a worker thread, see fs.txg); whatever
+        # was synced since the last commit is recorded now, and only bytes that are on
+        # disk are ever referenced by a committed index.
+        self.packs.sync()
+        for pack_id, length in self.packs.take_synced_lengths().items():
             k = PACK_KEY.pack(pack_id)
             v = self.txn.get(k, db=self.packs_db)
             dead = PACK_VALUE.unpack(v)[1] if v else 0
