@@ -33,6 +33,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class SyncPlan:
+    """Files and directories to fsync, with the pack lengths that are durable afterwards.
+
+    Opens its own descriptors, so it is safe to run in a worker thread while the owner
+    keeps appending, rotating or closing packs.
+    """
+
+    def __init__(self, files: list[Path], dirs: list[Path], lengths: dict[int, int]):
+        self.files, self.dirs, self.lengths = files, dirs, lengths
+
+    def run(self) -> None:
+        for path in self.files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # compacted away since: nothing of it is referenced any more
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in self.dirs:
+            _fsync_dir(d)
+
+
 class PackSet:
     """The pack files of one store: one pack open for appending, cached read handles."""
 
@@ -156,23 +180,25 @@ class PackSet:
         Returns {pack id: length} for those packs: the lengths to commit to the index,
         which must happen only after this returns.
         """
-        synced = {}
-        for pack_id in sorted(self._dirty):
-            if pack_id == self._write_id:
-                os.fsync(self._write_fd)
-            else:
-                fd = os.open(self.path(pack_id), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            synced[pack_id] = self._lengths[pack_id]
-        for d in sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
+        plan = self.plan_sync()
+        plan.run()
+        return self.record_synced(plan)
+
+    def plan_sync(self) -> "SyncPlan":
+        """Take what needs an fsync now; `SyncPlan.run` may then go to a worker thread
+        while this thread goes on appending (those later appends wait for the next sync)."""
+        plan = SyncPlan(
+            files=[self.path(p) for p in sorted(self._dirty)],
+            dirs=sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True),
+            lengths={p: self._lengths[p] for p in self._dirty if p in self._lengths},
+        )
         self._dirty.clear()
         self._dirs_to_sync.clear()
-        self._synced_unrecorded.update(synced)
-        return synced
+        return plan
+
+    def record_synced(self, plan: "SyncPlan") -> dict[int, int]:
+        self._synced_unrecorded.update(plan.lengths)
+        return plan.lengths
 
     def take_synced_lengths(self) -> dict[int, int]:
         """Lengths synced (possibly by an earlier `sync` in a worker thread) and not yet
