@@ -1,0 +1,133 @@
+"""mount and umount."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import BackupfsError
+from . import main
+
+MOUNT_WAIT = 60.0
+UMOUNT_WAIT = 300.0
+LOG_NAME = "backupfs.log"
+
+
+def _setup_daemon_logging(log_file: str | None, verbose: int) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+
+
+def _split_options(values: tuple[str, ...]) -> list[str]:
+    return [o for v in values for o in v.split(",") if o]
+
+
+@main.command("mount")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="Mount options, e.g. allow_other (needed to serve over Samba/NFS).")
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help=f"Log here (default when detached: STORE/{LOG_NAME}).")
+@click.option("--txg-interval", type=float, default=5.0, show_default=True,
+              help="Seconds between transaction groups (the most un-fsynced work a crash loses).")
+@click.option("--no-writeback-cache", is_flag=True, help="Disable the kernel writeback cache.")
+@click.pass_context
+def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interval,
+              no_writeback_cache):
+    """Mount STORE at MOUNTPOINT. Detaches and returns once the mount answers, unless -f."""
+    from ..daemon.mountinfo import find_mount
+
+    store_path = Path(store).resolve()
+    mnt = Path(mountpoint).resolve()
+    if not (store_path / "config.toml").is_file():
+        raise BackupfsError(f"{store}: not a backupfs store (run `backupfs init {store}` first)")
+    if not mnt.is_dir():
+        raise BackupfsError(f"{mountpoint}: mountpoint does not exist or is not a directory")
+    verbose = ctx.parent.params.get("verbose", 0) if ctx.parent else 0
+    if foreground:
+        from ..daemon.serve import Daemon
+
+        _setup_daemon_logging(log_file, verbose)
+        Daemon(store_path, mnt, _split_options(options), txg_interval=txg_interval,
+               writeback_cache=not no_writeback_cache).run()
+        return
+    log_path = Path(log_file).resolve() if log_file else store_path / LOG_NAME
+    cmd = [sys.executable, "-m", "backupfs", *(["-v"] * verbose), "mount", "-f",
+           "--log-file", str(log_path), "--txg-interval", str(txg_interval)]
+    cmd += [a for o in options for a in ("-o", o)]
+    if no_writeback_cache:
+        cmd.append("--no-writeback-cache")
+    cmd += [str(store_path), str(mnt)]
+    with open(log_path, "ab") as log_out:
+        start = log_out.tell()
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out,
+                                 start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + MOUNT_WAIT
+    while time.monotonic() < deadline:
+        if find_mount(mnt):
+            click.echo(f"mounted {store_path} at {mnt} (daemon pid {child.pid}, log {log_path})")
+            return
+        if child.poll() is not None:
+            with open(log_path, "rb") as f:
+                f.seek(start)
+                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"daemon exited with status {child.returncode}"
+            raise BackupfsError(f"mount failed: {reason.removeprefix('backupfs: ')}")
+        time.sleep(0.05)
+    child.terminate()
+    raise BackupfsError(f"mount did not come up within {MOUNT_WAIT:.0f} s (see {log_path})")
+
+
+def _wait_for_store_release(store: Path, timeout: float) -> bool:
+    """True once no process holds the store's lock (the daemon has closed it)."""
+    deadline = time.monotonic() + timeout
+    lock = store / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+        finally:
+            os.close(fd)
+        time.sleep(0.05)
+
+
+@main.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--lazy", "-z", is_flag=True, help="Detach now even if busy (fusermount3 -z).")
+def umount_cmd(mountpoint, lazy):
+    """Flush, commit and unmount MOUNTPOINT; waits for the daemon to finish."""
+    from ..daemon.mountinfo import find_mount
+
+    m = find_mount(mountpoint)
+    if m is None:
+        raise BackupfsError(f"{mountpoint}: not a backupfs mount")
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(m.mountpoint)]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+        raise BackupfsError(f"{mountpoint}: cannot unmount: {msg}")
+    if not _wait_for_store_release(m.store, UMOUNT_WAIT):
+        raise BackupfsError(f"{mountpoint}: unmounted, but the daemon has not finished "
+                            f"writing after {UMOUNT_WAIT:.0f} s")

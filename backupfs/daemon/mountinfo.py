@@ -1,0 +1,61 @@
+"""Finding backupfs mounts in /proc/self/mountinfo.
+
+A backupfs mount has filesystem type `fuse.backupfs` and source `backupfs:STORE`, so the
+CLI can go from a mountpoint to its store and back without any state of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+FSTYPE = "fuse.backupfs"
+SOURCE_PREFIX = "backupfs:"
+
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class Mount:
+    mountpoint: Path
+    store: Path
+    options: str
+
+
+def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    out = []
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 6 or len(rest) < 2 or rest[0] != FSTYPE:
+            continue
+        source = _unescape(rest[1])
+        if not source.startswith(SOURCE_PREFIX):
+            continue
+        out.append(Mount(Path(_unescape(fields[4])), Path(source[len(SOURCE_PREFIX):]), fields[5]))
+    return out
+
+
+def find_mount(mountpoint: str | os.PathLike) -> Mount | None:
+    """The backupfs mount at `mountpoint` (exactly there), or None."""
+    target = Path(os.path.realpath(mountpoint))
+    for m in backupfs_mounts():
+        if m.mountpoint == target:
+            return m
+    return None
+
+
+def mounts_of_store(store: str | os.PathLike) -> list[Mount]:
+    target = Path(os.path.realpath(store))
+    return [m for m in backupfs_mounts() if Path(os.path.realpath(m.store)) == target]

@@ -1,0 +1,131 @@
+"""Running a mount: open the store, mount with pyfuse3, serve until unmounted or
+signalled, then seal everything, commit and close.
+
+The periodic transaction group (every `txg_interval` seconds) seals partial blocks and
+commits, so at most that much un-fsynced work is lost in a crash; an fsync() from a
+client commits at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ..errors import BackupfsError
+from ..fs import BackupFS
+from ..namespace import Namespace
+from ..store import Store
+from .mountinfo import SOURCE_PREFIX, find_mount
+
+log = logging.getLogger("backupfs.daemon")
+
+DEFAULT_TXG_INTERVAL = 5.0
+GC_BUDGET = 20000
+ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw",
+                   "nodev", "nosuid", "dev", "suid", "exec", "noexec", "atime"}
+
+
+def fuse_options(store_path: Path, extra: list[str]) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname={SOURCE_PREFIX}{store_path}", "subtype=backupfs"}
+    for o in extra:
+        name = o.split("=", 1)[0]
+        if name not in ALLOWED_OPTIONS:
+            raise BackupfsError(f"unsupported mount option {o!r} "
+                                f"(known: {', '.join(sorted(ALLOWED_OPTIONS))})")
+        if name != "rw":
+            opts.add(o)
+    return opts
+
+
+def _syncfs(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+class Daemon:
+    def __init__(self, store_path: str | os.PathLike, mountpoint: str | os.PathLike,
+                 options: list[str] | None = None, txg_interval: float = DEFAULT_TXG_INTERVAL,
+                 writeback_cache: bool = True):
+        self.store_path = Path(os.path.realpath(store_path))
+        self.mountpoint = Path(os.path.realpath(mountpoint))
+        self.options = fuse_options(self.store_path, options or [])
+        self.txg_interval = txg_interval
+        self.writeback_cache = writeback_cache
+        self.ops: BackupFS | None = None
+
+    def run(self) -> None:
+        """Mount and serve until unmounted; raises BackupfsError for what the user can fix."""
+        if not self.mountpoint.is_dir():
+            raise BackupfsError(f"{self.mountpoint}: mountpoint is not a directory")
+        if find_mount(self.mountpoint):
+            raise BackupfsError(f"{self.mountpoint}: a backupfs store is already mounted there")
+        store = Store.open(self.store_path)
+        try:
+            ns = Namespace(store)
+            store.commit()
+            self.ops = BackupFS(store, ns, writeback_cache=self.writeback_cache)
+            try:
+                pyfuse3.init(self.ops, str(self.mountpoint), self.options)
+            except RuntimeError as e:
+                raise BackupfsError(f"{self.mountpoint}: cannot mount: {e}") from None
+            log.info("mounted %s at %s", self.store_path, self.mountpoint)
+            try:
+                trio.run(self._serve)
+            finally:
+                still_mounted = find_mount(self.mountpoint) is not None
+                pyfuse3.close(unmount=still_mounted)
+        finally:
+            store.close(commit=True)
+            log.info("store %s closed", self.store_path)
+
+    async def _serve(self) -> None:
+        ops = self.ops
+        # Inodes unlinked while open when the last daemon stopped: nothing holds them now.
+        for ino in ops.ns.orphans():
+            ops.ns.reclaim(ino)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._txg_timer)
+            nursery.start_soon(self._signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        await ops.flush_everything()
+        while ops.ns.collect_garbage(GC_BUDGET):
+            await ops.txg.commit()
+        await ops.txg.commit()
+
+    async def _txg_timer(self) -> None:
+        while True:
+            await trio.sleep(self.txg_interval)
+            try:
+                await self.ops.flush_everything()
+                if self.ops.ns.collect_garbage(GC_BUDGET):
+                    await self.ops.txg.commit()
+            except Exception:
+                # The next fsync or group will try again; the mount must stay up.
+                log.exception("transaction group failed")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
+                # A normal unmount makes the kernel write back its cached pages first.
+                done = await trio.to_thread.run_sync(
+                    lambda: subprocess.run(["fusermount3", "-u", str(self.mountpoint)],
+                                           capture_output=True).returncode == 0)
+                if not done:
+                    log.warning("%s is busy: writing back and detaching it", self.mountpoint)
+                    await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+                    pyfuse3.terminate()
+                return

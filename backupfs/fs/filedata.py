@@ -1,0 +1,240 @@
+"""File contents: dirty block buffers in front of the block store.
+
+Writes land in per-inode buffers, one per block. A block whose last byte has been
+written is *sealed* at once: hashed, compressed and stored in worker threads, then
+entered in the namespace's block map. Partial blocks are sealed on flush, fsync, release,
+the periodic transaction group and before a snapshot. While a block is being sealed its
+bytes stay readable from `sealing`, so a reader never sees a gap.
+
+A stored block may be shorter than the block size (the last block of a file): bytes past
+its end, up to the file size, read as zeros. All-zero blocks are stored as holes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from ..store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIRTY_LIMIT = 256 * 1024 * 1024
+
+
+@dataclass(eq=False)
+class InodeBuffers:
+    """The unsealed and being-sealed blocks of one inode."""
+
+    ino: int
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    sealing: dict[int, bytes] = field(default_factory=dict)
+    # Bumped on every change to `dirty` or `sealing`: a read-modify-write that awaited
+    # a stored block retries if the buffers moved under it.
+    changes: int = 0
+
+
+class FileContents:
+    def __init__(self, store: Store, namespace, dirty_limit: int = DEFAULT_DIRTY_LIMIT):
+        self.store = store
+        self.ns = namespace
+        self.block_size = store.config.block_size
+        self.dirty_limit = dirty_limit
+        self.buffers: dict[int, InodeBuffers] = {}
+        self.dirty_bytes = 0
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def read(self, ino: int, offset: int, size: int, view=None) -> bytes:
+        """Bytes [offset, offset+size) of a file, clipped to its size.
+
+        `view` is a snapshot view; None reads the live file including unsealed writes.
+        """
+        live = view is None
+        view = view or self.ns.live
+        file_size = view.getattr(ino).size
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        bufs = self.buffers.get(ino) if live else None
+        chunks: list[bytes | None] = [None] * (last - first + 1)
+
+        async def fetch(i: int, n: int) -> None:
+            chunks[i] = await self._block_content(view, ino, n, bufs)
+
+        if first == last:
+            await fetch(0, first)
+        else:
+            async with trio.open_nursery() as nursery:
+                for i, n in enumerate(range(first, last + 1)):
+                    nursery.start_soon(fetch, i, n)
+        out = bytearray()
+        for i, n in enumerate(range(first, last + 1)):
+            start = n * bs
+            lo, hi = max(offset, start) - start, min(end, start + bs) - start
+            piece = chunks[i][lo:hi]
+            out += piece
+            if len(piece) < hi - lo:
+                out += bytes(hi - lo - len(piece))
+        return bytes(out)
+
+    async def _block_content(self, view, ino: int, n: int, bufs: InodeBuffers | None) -> bytes:
+        if bufs is not None:
+            buf = bufs.dirty.get(n)
+            if buf is not None:
+                return bytes(buf)
+            sealed = bufs.sealing.get(n)
+            if sealed is not None:
+                return sealed
+        h = view.block_hash(ino, n)
+        if h is None:
+            return b""
+        return await self.store.blocks.get_async(h)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _bufs(self, ino: int) -> InodeBuffers:
+        b = self.buffers.get(ino)
+        if b is None:
+            b = self.buffers[ino] = InodeBuffers(ino)
+        return b
+
+    async def _dirty_block(self, bufs: InodeBuffers, n: int, file_size: int,
+                           whole: bool) -> bytearray:
+        """The dirty buffer of block n, created from its current content if needed."""
+        while True:
+            buf = bufs.dirty.get(n)
+            if buf is not None:
+                return buf
+            if whole:
+                content = b""
+            elif n in bufs.sealing:
+                content = bufs.sealing[n]
+            else:
+                seen = bufs.changes
+                content = await self._block_content(self.ns.live, bufs.ino, n, None)
+                if bufs.changes != seen or n in bufs.dirty:
+                    continue  # the block moved while we read it: start over
+                file_size = self.ns.live.getattr(bufs.ino).size
+            start = n * self.block_size
+            buf = bytearray(content[:max(0, file_size - start)])
+            bufs.dirty[n] = buf
+            bufs.changes += 1
+            self.dirty_bytes += self.block_size
+            return buf
+
+    async def write(self, ino: int, offset: int, data: bytes, now_ns: int) -> int:
+        bs = self.block_size
+        bufs = self._bufs(ino)
+        end = offset + len(data)
+        view = memoryview(data)
+        full = []
+        for n in range(offset // bs, (end - 1) // bs + 1 if data else offset // bs):
+            start = n * bs
+            lo, hi = max(offset, start) - start, min(end, start + bs) - start
+            size = self.ns.live.getattr(ino).size
+            buf = await self._dirty_block(bufs, n, size, whole=(lo == 0 and hi == bs))
+            if len(buf) < lo:
+                buf.extend(bytes(lo - len(buf)))
+            buf[lo:hi] = view[start + lo - offset:start + hi - offset]
+            if hi == bs:
+                full.append(n)
+        attr = self.ns.live.getattr(ino)
+        self.ns.live.setattr(ino, size=max(attr.size, end), mtime_ns=now_ns, ctime_ns=now_ns)
+        if full:
+            await self.seal(ino, full)
+        if self.dirty_bytes > self.dirty_limit:
+            await self.flush(ino)
+            if self.dirty_bytes > self.dirty_limit:
+                await self.flush_all()
+        return len(data)
+
+    async def seal(self, ino: int, blocknos) -> None:
+        """Store the given dirty blocks and enter them in the block map."""
+        bufs = self.buffers.get(ino)
+        if bufs is None:
+            return
+        items = []
+        for n in sorted(blocknos):
+            buf = bufs.dirty.pop(n, None)
+            if buf is None:
+                continue
+            self.dirty_bytes -= self.block_size
+            data = bytes(buf)
+            bufs.sealing[n] = data
+            bufs.changes += 1
+            items.append((n, data))
+        if not items:
+            return
+        # All-zero blocks become holes: nothing stored, nothing to read back.
+        to_store = [d for _, d in items if d.count(0) != len(d)]
+        hashes = iter(await self.store.blocks.put_many(to_store) if to_store else [])
+        try:
+            size = self.ns.live.getattr(ino).size
+        except OSError:
+            size = -1  # reclaimed meanwhile: drop everything
+        for n, data in items:
+            h = next(hashes) if data.count(0) != len(data) else None
+            if bufs.sealing.get(n) is data and n * self.block_size < size:
+                self.ns.live.write_block(ino, n, h)
+                del bufs.sealing[n]
+                bufs.changes += 1
+            elif h is not None:
+                # Superseded by a later write or cut off by a truncate while we sealed.
+                self.store.blocks.decref(h)
+
+    async def truncate(self, ino: int, new_size: int) -> None:
+        """Drop buffered bytes past `new_size`, and make sure the block that now holds
+        the end of the file keeps no bytes beyond it. The caller then sets the size."""
+        bs = self.block_size
+        bufs = self._bufs(ino)
+        keep_block, tail = divmod(new_size, bs)
+        old_size = self.ns.live.getattr(ino).size
+        if tail and new_size < old_size:
+            # Read-modify-write of the new last block (may await a stored block).
+            buf = await self._dirty_block(bufs, keep_block, old_size, whole=False)
+            del buf[tail:]
+        cut = keep_block + (1 if tail else 0)
+        for n in [n for n in bufs.dirty if n >= cut]:
+            del bufs.dirty[n]
+            self.dirty_bytes -= bs
+        for n in [n for n in bufs.sealing if n >= cut]:
+            del bufs.sealing[n]
+        bufs.changes += 1
+
+    # -- flushing --------------------------------------------------------------------
+
+    def has_dirty(self, ino: int) -> bool:
+        bufs = self.buffers.get(ino)
+        return bool(bufs and (bufs.dirty or bufs.sealing))
+
+    async def flush(self, ino: int) -> None:
+        """Seal every dirty block of one inode and wait for seals already under way."""
+        bufs = self.buffers.get(ino)
+        while bufs is not None and (bufs.dirty or bufs.sealing):
+            if bufs.dirty:
+                await self.seal(ino, list(bufs.dirty))
+            else:
+                await trio.sleep(0.001)  # another task is sealing: let it finish
+            bufs = self.buffers.get(ino)
+
+    async def flush_all(self) -> None:
+        for ino in list(self.buffers):
+            await self.flush(ino)
+
+    def discard(self, ino: int) -> None:
+        """Forget the buffers of an inode that is being reclaimed."""
+        bufs = self.buffers.pop(ino, None)
+        if bufs is not None:
+            self.dirty_bytes -= self.block_size * len(bufs.dirty)
+
+    def release(self, ino: int) -> None:
+        """Drop an inode's (clean) buffers once no handle has it open. Buffers are never
+        dropped while open: a write awaiting a stored block holds on to them."""
+        bufs = self.buffers.get(ino)
+        if bufs is not None and not bufs.dirty and not bufs.sealing:
+            del self.buffers[ino]

@@ -1,0 +1,510 @@
+"""`BackupFS`: the pyfuse3 Operations of a backupfs mount.
+
+Kernel inode numbers are mapped by `inodes`: slot 0 is the live, read-write tree; other
+slots are snapshots, read-only; two fixed numbers are the virtual `/snapshots` directory
+and its `latest` symlink. Every handler is wrapped by `fuse_handler`, so nothing but a
+FUSEError ever reaches pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from . import inodes
+from .filedata import FileContents
+from .handlers import fuse_handler
+from .inodes import LATEST_INO, SNAPSHOTS_DIR_INO, SNAPSHOTS_DIR_NAME
+from .snapshot_tree import SnapshotTree
+from .txg import TransactionGroups
+
+log = logging.getLogger("backupfs.fs")
+
+ROOT = pyfuse3.ROOT_INODE
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+# The kernel asks for this before every write() (to drop file capabilities): answering
+# it from memory keeps writes free of an LMDB lookup.
+CAPABILITY_XATTR = b"security.capability"
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+class BoundedSet(set):
+    """A set that forgets everything when it grows past `limit`: a cache, not a record."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def add(self, item) -> None:
+        if len(self) >= self.limit:
+            self.clear()
+        super().add(item)
+
+
+def erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+@dataclass(eq=False)
+class DirHandle:
+    kernel_ino: int
+    # names[k] is the name whose entry was answered with cookie k + 1 + virtual count;
+    # a listing resumes *after* a name, so removals between calls never skip an entry.
+    names: list[bytes] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class FileHandle:
+    kernel_ino: int
+    writable: bool
+
+
+class BackupFS(pyfuse3.Operations):
+    enable_writeback_cache = True
+    supports_dot_lookup = False
+
+    def __init__(self, store, namespace, txg: TransactionGroups | None = None,
+                 writeback_cache: bool = True):
+        super().__init__()
+        self.store = store
+        self.ns = namespace
+        self.live = namespace.live
+        self.txg = txg or TransactionGroups(store)
+        self.data = FileContents(store, namespace)
+        self.snapshots = SnapshotTree(namespace)
+        self.block_size = store.config.block_size
+        self.enable_writeback_cache = writeback_cache
+        self.lookups: Counter[int] = Counter()   # kernel lookup count per live ino
+        self.open_count: Counter[int] = Counter()
+        self._fh = itertools.count(1)
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._no_xattrs = BoundedSet(65536)  # live inodes known to have no xattrs
+        self.mounted_at = time.time_ns()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _entry(self, attr, kernel_ino: int, slot: int) -> pyfuse3.EntryAttributes:
+        timeout = inodes.SNAPSHOT_TIMEOUT if slot else inodes.LIVE_TIMEOUT
+        return inodes.entry_attributes(attr, kernel_ino, self.block_size, timeout)
+
+    def _live_entry(self, attr) -> pyfuse3.EntryAttributes:
+        return inodes.entry_attributes(attr, attr.ino, self.block_size, inodes.LIVE_TIMEOUT)
+
+    def _virtual_dir_entry(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = SNAPSHOTS_DIR_INO
+        e.st_mode = stat.S_IFDIR | 0o555
+        e.st_nlink = 2 + len(self.snapshots.records)
+        e.st_uid = e.st_gid = 0
+        e.st_size = 0
+        e.st_blksize = self.block_size
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self.snapshots.mtime_ns
+        # The listing changes when snapshots come and go: let the kernel re-ask.
+        e.attr_timeout = e.entry_timeout = 1.0
+        return e
+
+    def _latest_entry(self) -> pyfuse3.EntryAttributes:
+        latest = self.snapshots.latest()
+        if latest is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = LATEST_INO
+        e.st_mode = stat.S_IFLNK | 0o777
+        e.st_nlink = 1
+        e.st_size = len(latest.name)
+        e.st_blksize = self.block_size
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = latest.created_ns
+        e.attr_timeout = e.entry_timeout = 1.0
+        return e
+
+    def _resolve(self, kernel_ino: int):
+        """(slot, namespace ino, view) of a non-virtual kernel inode."""
+        slot, ino = inodes.split(kernel_ino)
+        if slot == 0:
+            return 0, ino, self.live
+        return slot, ino, self.snapshots.view(slot)
+
+    def _writable(self, kernel_ino: int) -> int:
+        """The live namespace ino of a kernel inode that may be changed, else EROFS."""
+        if kernel_ino in (SNAPSHOTS_DIR_INO, LATEST_INO) or kernel_ino >> inodes.SLOT_SHIFT:
+            raise erofs()
+        return kernel_ino
+
+    def _check_new_name(self, parent: int, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if parent == ROOT and name == SNAPSHOTS_DIR_NAME:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+
+    def _remember(self, attr) -> pyfuse3.EntryAttributes:
+        self.lookups[attr.ino] += 1
+        return self._live_entry(attr)
+
+    def _maybe_reclaim(self, ino: int) -> None:
+        """Free an unlinked inode once the kernel and every handle are done with it."""
+        if self.lookups.get(ino, 0) or self.open_count.get(ino, 0):
+            return
+        try:
+            attr = self.live.getattr(ino)
+        except OSError:
+            return
+        if attr.nlink == 0:
+            self.data.discard(ino)
+            self._no_xattrs.discard(ino)
+            self.ns.reclaim(ino)
+
+    # -- lookups and attributes ------------------------------------------------------
+
+    @fuse_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == SNAPSHOTS_DIR_INO:
+            kernel_ino = self.snapshots.lookup(name)
+            if kernel_ino == LATEST_INO:
+                return self._latest_entry()
+            return await self.getattr(kernel_ino)
+        if parent_inode == ROOT and name == SNAPSHOTS_DIR_NAME:
+            return self._virtual_dir_entry()
+        if parent_inode == LATEST_INO:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        slot, ino, view = self._resolve(parent_inode)
+        attr = view.lookup(ino, name)
+        if slot:
+            return self._entry(attr, inodes.join(slot, attr.ino), slot)
+        return self._remember(attr)
+
+    @fuse_handler
+    async def forget(self, inode_list):
+        for kernel_ino, n in inode_list:
+            if kernel_ino >> inodes.SLOT_SHIFT or kernel_ino in (SNAPSHOTS_DIR_INO, LATEST_INO):
+                continue
+            left = self.lookups.get(kernel_ino, 0) - n
+            if left > 0:
+                self.lookups[kernel_ino] = left
+            else:
+                self.lookups.pop(kernel_ino, None)
+                self._maybe_reclaim(kernel_ino)
+
+    @fuse_handler
+    async def getattr(self, inode, ctx=None):
+        if inode == SNAPSHOTS_DIR_INO:
+            return self._virtual_dir_entry()
+        if inode == LATEST_INO:
+            return self._latest_entry()
+        slot, ino, view = self._resolve(inode)
+        return self._entry(view.getattr(ino), inode, slot)
+
+    @fuse_handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        ino = self._writable(inode)
+        now = time.time_ns()
+        old = self.live.getattr(ino)
+        changes = {}
+        if fields.update_size:
+            if stat.S_ISDIR(old.mode):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            await self.data.truncate(ino, attr.st_size)
+            changes["size"] = attr.st_size
+            if not fields.update_mtime:
+                changes["mtime_ns"] = now
+        if fields.update_mode:
+            changes["mode"] = stat.S_IFMT(old.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
+        return self._live_entry(self.live.setattr(ino, **changes))
+
+    @fuse_handler
+    async def readlink(self, inode, ctx):
+        if inode == LATEST_INO:
+            latest = self.snapshots.latest()
+            if latest is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return latest.name.encode()
+        _, ino, view = self._resolve(inode)
+        return view.readlink(ino)
+
+    # -- creating and removing -------------------------------------------------------
+
+    def _create(self, parent_inode, name, mode, ctx, rdev=0, target=None):
+        parent = self._writable(parent_inode)
+        self._check_new_name(parent, name)
+        attr = self.live.create(parent, name, mode, ctx.uid, ctx.gid, time.time_ns(),
+                                rdev=rdev, target=target)
+        self._no_xattrs.add(attr.ino)
+        return attr
+
+    @fuse_handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._remember(self._create(parent_inode, name, mode, ctx, rdev=rdev))
+
+    @fuse_handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        return self._remember(self._create(parent_inode, name, mode, ctx))
+
+    @fuse_handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        if len(target) > 4095:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return self._remember(
+            self._create(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
+
+    @fuse_handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attr = self._create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        fh = next(self._fh)
+        self.files[fh] = FileHandle(attr.ino, writable=True)
+        self.open_count[attr.ino] += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._remember(attr)
+
+    @fuse_handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        ino = self._writable(inode)
+        parent = self._writable(new_parent_inode)
+        self._check_new_name(parent, new_name)
+        attr = self.live.link(ino, parent, new_name, time.time_ns())
+        return self._remember(attr)
+
+    @fuse_handler
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self._writable(parent_inode)
+        if parent == ROOT and name == SNAPSHOTS_DIR_NAME:
+            raise erofs()
+        attr = self.live.unlink(parent, name, time.time_ns())
+        if attr.nlink == 0:
+            self._maybe_reclaim(attr.ino)
+
+    @fuse_handler
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self._writable(parent_inode)
+        if parent == ROOT and name == SNAPSHOTS_DIR_NAME:
+            raise erofs()
+        self.live.rmdir(parent, name, time.time_ns())
+
+    @fuse_handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old_parent = self._writable(parent_inode_old)
+        new_parent = self._writable(parent_inode_new)
+        if SNAPSHOTS_DIR_NAME in (name_old if old_parent == ROOT else None,
+                                  name_new if new_parent == ROOT else None):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if len(name_new) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        replaced = self.live.rename(old_parent, name_old, new_parent, name_new, flags,
+                                    time.time_ns())
+        if replaced is not None and replaced.nlink == 0:
+            self._maybe_reclaim(replaced.ino)
+
+    # -- files -----------------------------------------------------------------------
+
+    @fuse_handler
+    async def open(self, inode, flags, ctx):
+        writable = bool(flags & WRITE_FLAGS)
+        if inode in (SNAPSHOTS_DIR_INO, LATEST_INO):
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == SNAPSHOTS_DIR_INO else errno.ELOOP)
+        slot, ino, view = self._resolve(inode)
+        if slot and writable:
+            raise erofs()
+        attr = view.getattr(ino)
+        if stat.S_ISDIR(attr.mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = next(self._fh)
+        self.files[fh] = FileHandle(inode, writable)
+        if not slot:
+            self.open_count[ino] += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _handle(self, fh) -> FileHandle:
+        h = self.files.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    @fuse_handler
+    async def read(self, fh, off, size):
+        h = self._handle(fh)
+        slot, ino, view = self._resolve(h.kernel_ino)
+        return await self.data.read(ino, off, size, view=view if slot else None)
+
+    @fuse_handler
+    async def write(self, fh, off, buf):
+        h = self._handle(fh)
+        ino = self._writable(h.kernel_ino)
+        return await self.data.write(ino, off, buf, time.time_ns())
+
+    @fuse_handler
+    async def flush(self, fh):
+        h = self._handle(fh)
+        if not (h.kernel_ino >> inodes.SLOT_SHIFT) and self.data.has_dirty(h.kernel_ino):
+            await self.data.flush(h.kernel_ino)
+
+    @fuse_handler
+    async def release(self, fh):
+        h = self.files.pop(fh, None)
+        if h is None or h.kernel_ino >> inodes.SLOT_SHIFT:
+            return
+        ino = h.kernel_ino
+        if self.data.has_dirty(ino):
+            await self.data.flush(ino)
+        left = self.open_count[ino] - 1
+        if left > 0:
+            self.open_count[ino] = left
+        else:
+            self.open_count.pop(ino, None)
+            self.data.release(ino)
+            self._maybe_reclaim(ino)
+
+    @fuse_handler
+    async def fsync(self, fh, datasync):
+        h = self._handle(fh)
+        if not (h.kernel_ino >> inodes.SLOT_SHIFT):
+            await self.data.flush(h.kernel_ino)
+            await self.txg.commit()
+
+    # -- directories -----------------------------------------------------------------
+
+    @fuse_handler
+    async def opendir(self, inode, ctx):
+        if inode == LATEST_INO:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if inode != SNAPSHOTS_DIR_INO:
+            _, ino, view = self._resolve(inode)
+            if not stat.S_ISDIR(view.getattr(ino).mode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = next(self._fh)
+        self.dirs[fh] = DirHandle(inode)
+        return fh
+
+    @fuse_handler
+    async def readdir(self, fh, start_id, token):
+        h = self.dirs.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if h.kernel_ino == SNAPSHOTS_DIR_INO:
+            return self._readdir_snapshots(start_id, token)
+        slot, ino, view = self._resolve(h.kernel_ino)
+        virtual = []
+        if h.kernel_ino == ROOT:
+            virtual = [(SNAPSHOTS_DIR_NAME, self._virtual_dir_entry())]
+        pos = start_id
+        while pos < len(virtual):
+            name, entry = virtual[pos]
+            if not pyfuse3.readdir_reply(token, name, entry, pos + 1):
+                return
+            pos += 1
+        k = pos - len(virtual)  # how many names of the real listing precede
+        after = h.names[k - 1] if k > 0 else None
+        for name, attr in view.readdir(ino, after):
+            kernel_ino = inodes.join(slot, attr.ino)
+            h.names.append(name)
+            cookie = len(virtual) + len(h.names)
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr, kernel_ino, slot), cookie):
+                h.names.pop()
+                return
+            if not slot:
+                self.lookups[attr.ino] += 1
+
+    def _readdir_snapshots(self, start_id, token):
+        entries = self.snapshots.entries()
+        for i in range(start_id, len(entries)):
+            name, kernel_ino = entries[i]
+            if kernel_ino == LATEST_INO:
+                entry = self._latest_entry()
+            else:
+                slot, ino = inodes.split(kernel_ino)
+                entry = self._entry(self.snapshots.view(slot).getattr(ino), kernel_ino, slot)
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                return
+
+    @fuse_handler
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    @fuse_handler
+    async def fsyncdir(self, fh, datasync):
+        await self.txg.commit()
+
+    @fuse_handler
+    async def statfs(self, ctx):
+        st = os.statvfs(self.store.path)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = self.block_size
+        s.f_frsize = st.f_frsize
+        s.f_blocks = st.f_blocks
+        s.f_bfree = st.f_bfree
+        s.f_bavail = st.f_bavail
+        s.f_files = st.f_files or 1 << 32
+        s.f_ffree = st.f_ffree or 1 << 32
+        s.f_favail = st.f_favail or 1 << 32
+        s.f_namemax = NAME_MAX
+        return s
+
+    @fuse_handler
+    async def access(self, inode, mode, ctx):
+        # Mounted with default_permissions: the kernel checks; this is for access(2)
+        # with W_OK on snapshot objects.
+        if mode & os.W_OK and (inode >> inodes.SLOT_SHIFT or inode in (SNAPSHOTS_DIR_INO, LATEST_INO)):
+            raise erofs()
+        return True
+
+    # -- extended attributes ---------------------------------------------------------
+
+    @fuse_handler
+    async def setxattr(self, inode, name, value, ctx):
+        ino = self._writable(inode)
+        if len(name) > XATTR_NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise pyfuse3.FUSEError(errno.E2BIG)
+        self.live.setxattr(ino, name, value)
+        self._no_xattrs.discard(ino)
+        self.live.setattr(ino, ctime_ns=time.time_ns())
+
+    @fuse_handler
+    async def getxattr(self, inode, name, ctx):
+        if inode in (SNAPSHOTS_DIR_INO, LATEST_INO):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        slot, ino, view = self._resolve(inode)
+        if not slot and ino in self._no_xattrs:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if not slot and name == CAPABILITY_XATTR and not view.listxattr(ino):
+            self._no_xattrs.add(ino)
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return view.getxattr(ino, name)
+
+    @fuse_handler
+    async def listxattr(self, inode, ctx):
+        if inode in (SNAPSHOTS_DIR_INO, LATEST_INO):
+            return []
+        _, ino, view = self._resolve(inode)
+        return view.listxattr(ino)
+
+    @fuse_handler
+    async def removexattr(self, inode, name, ctx):
+        ino = self._writable(inode)
+        self.live.removexattr(ino, name)
+        self.live.setattr(ino, ctime_ns=time.time_ns())
+
+    # -- whole-filesystem operations used by the daemon ------------------------------
+
+    async def flush_everything(self) -> None:
+        """Seal all buffered data and close the transaction group."""
+        await self.data.flush_all()
+        await self.txg.commit()
