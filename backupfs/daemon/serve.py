@@ -21,7 +21,10 @@ import trio
 from ..errors import BackupfsError
 from ..fs import BackupFS
 from ..namespace import Namespace
+from ..snapshots.retention import KeepPolicy, decide
+from ..snapshots.schedule import Schedule
 from ..store import Store
+from .control import ControlServer, snapshot_dict
 from .mountinfo import SOURCE_PREFIX, find_mount
 
 log = logging.getLogger("backupfs.daemon")
@@ -95,9 +98,13 @@ class Daemon:
         # Inodes unlinked while open when the last daemon stopped: nothing holds them now.
         for ino in ops.ns.orphans():
             ops.ns.reclaim(ino)
+        schedule = Schedule.from_config(ops.store.config.extra)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._txg_timer)
             nursery.start_soon(self._signals)
+            await nursery.start(ControlServer(self, self.store_path).serve)
+            if schedule.enabled:
+                nursery.start_soon(self._scheduler, schedule)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         await ops.flush_everything()
@@ -129,3 +136,64 @@ class Daemon:
                     await trio.to_thread.run_sync(_syncfs, self.mountpoint)
                     pyfuse3.terminate()
                 return
+
+    async def _scheduler(self, schedule: Schedule) -> None:
+        log.info("scheduled snapshots every %s s, keeping %s", schedule.every, schedule.keep)
+        while True:
+            await trio.sleep(schedule.every)
+            try:
+                record = await self.control_snapshot(label=schedule.label)
+                log.info("scheduled snapshot %s taken", record["name"])
+                if not schedule.keep.is_empty():
+                    await self._prune(schedule.keep, dry_run=False)
+            except Exception:
+                log.exception("scheduled snapshot failed")
+
+    # -- control socket operations (see control.py) -----------------------------------
+
+    async def control_ping(self) -> dict:
+        return {"store": str(self.store_path), "mountpoint": str(self.mountpoint),
+                "pid": os.getpid()}
+
+    async def control_snapshot(self, label: str | None = None, hold: bool = False) -> dict:
+        # What the kernel still holds in its writeback cache was written before this
+        # request: make it reach us before the gate closes.
+        await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+        record = await self.ops.take_snapshot(label=label, hold=bool(hold))
+        log.info("snapshot %s taken (epoch %d%s)", record.name, record.epoch,
+                 f", label {label!r}" if label else "")
+        return snapshot_dict(record)
+
+    async def control_list(self) -> list[dict]:
+        return [snapshot_dict(r) for r in self.ops.ns.snapshots()]
+
+    async def control_delete(self, names: list[str]) -> list[str]:
+        records = [self.ops.ns.find_snapshot(n) for n in names]  # all known before any goes
+        for r in records:
+            await self.ops.delete_snapshot(r)
+            log.info("snapshot %s deleted", r.name)
+        return [r.name for r in records]
+
+    async def control_hold(self, name: str, hold: bool = True) -> dict:
+        r = self.ops.ns.set_hold(self.ops.ns.find_snapshot(name).id, bool(hold))
+        await self.ops.txg.commit()
+        self.ops.snapshots.refresh()
+        return snapshot_dict(r)
+
+    async def control_prune(self, policy: dict, dry_run: bool = False) -> list[dict]:
+        return await self._prune(KeepPolicy.from_mapping(policy), dry_run)
+
+    async def _prune(self, policy: KeepPolicy, dry_run: bool) -> list[dict]:
+        decisions = decide(self.ops.ns.snapshots(), policy)
+        if not dry_run:
+            for d in decisions:
+                if not d.keep:
+                    await self.ops.delete_snapshot(d.snapshot)
+                    log.info("pruned snapshot %s", d.snapshot.name)
+        return [{**snapshot_dict(d.snapshot), "keep": d.keep, "reasons": list(d.reasons)}
+                for d in decisions]
+
+    async def control_flush(self) -> dict:
+        await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+        await self.ops.flush_everything()
+        return {"commits": self.ops.txg.commits}

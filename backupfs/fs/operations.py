@@ -9,6 +9,7 @@ FUSEError ever reaches pyfuse3.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -21,6 +22,7 @@ import pyfuse3
 
 from . import inodes
 from .filedata import FileContents
+from .gate import ChangeGate
 from .handlers import fuse_handler
 from .inodes import LATEST_INO, SNAPSHOTS_DIR_INO, SNAPSHOTS_DIR_NAME
 from .snapshot_tree import SnapshotTree
@@ -49,6 +51,17 @@ class BoundedSet(set):
         if len(self) >= self.limit:
             self.clear()
         super().add(item)
+
+
+def changes_live_tree(fn):
+    """For handlers that change the live tree: they pass the snapshot gate."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        async with self.gate.changing():
+            return await fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 def erofs() -> pyfuse3.FUSEError:
@@ -82,6 +95,7 @@ class BackupFS(pyfuse3.Operations):
         self.txg = txg or TransactionGroups(store)
         self.data = FileContents(store, namespace)
         self.snapshots = SnapshotTree(namespace)
+        self.gate = ChangeGate()
         self.block_size = store.config.block_size
         self.enable_writeback_cache = writeback_cache
         self.lookups: Counter[int] = Counter()   # kernel lookup count per live ino
@@ -205,6 +219,7 @@ class BackupFS(pyfuse3.Operations):
         return self._entry(view.getattr(ino), inode, slot)
 
     @fuse_handler
+    @changes_live_tree
     async def setattr(self, inode, attr, fields, fh, ctx):
         ino = self._writable(inode)
         now = time.time_ns()
@@ -251,15 +266,18 @@ class BackupFS(pyfuse3.Operations):
         return attr
 
     @fuse_handler
+    @changes_live_tree
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         return self._remember(self._create(parent_inode, name, mode, ctx, rdev=rdev))
 
     @fuse_handler
+    @changes_live_tree
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         return self._remember(self._create(parent_inode, name, mode, ctx))
 
     @fuse_handler
+    @changes_live_tree
     async def symlink(self, parent_inode, name, target, ctx):
         if len(target) > 4095:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
@@ -267,6 +285,7 @@ class BackupFS(pyfuse3.Operations):
             self._create(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
 
     @fuse_handler
+    @changes_live_tree
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self._create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         fh = next(self._fh)
@@ -275,6 +294,7 @@ class BackupFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._remember(attr)
 
     @fuse_handler
+    @changes_live_tree
     async def link(self, inode, new_parent_inode, new_name, ctx):
         ino = self._writable(inode)
         parent = self._writable(new_parent_inode)
@@ -283,6 +303,7 @@ class BackupFS(pyfuse3.Operations):
         return self._remember(attr)
 
     @fuse_handler
+    @changes_live_tree
     async def unlink(self, parent_inode, name, ctx):
         parent = self._writable(parent_inode)
         if parent == ROOT and name == SNAPSHOTS_DIR_NAME:
@@ -292,6 +313,7 @@ class BackupFS(pyfuse3.Operations):
             self._maybe_reclaim(attr.ino)
 
     @fuse_handler
+    @changes_live_tree
     async def rmdir(self, parent_inode, name, ctx):
         parent = self._writable(parent_inode)
         if parent == ROOT and name == SNAPSHOTS_DIR_NAME:
@@ -299,6 +321,7 @@ class BackupFS(pyfuse3.Operations):
         self.live.rmdir(parent, name, time.time_ns())
 
     @fuse_handler
+    @changes_live_tree
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old_parent = self._writable(parent_inode_old)
         new_parent = self._writable(parent_inode_new)
@@ -344,6 +367,7 @@ class BackupFS(pyfuse3.Operations):
         return await self.data.read(ino, off, size, view=view if slot else None)
 
     @fuse_handler
+    @changes_live_tree
     async def write(self, fh, off, buf):
         h = self._handle(fh)
         ino = self._writable(h.kernel_ino)
@@ -467,6 +491,7 @@ class BackupFS(pyfuse3.Operations):
     # -- extended attributes ---------------------------------------------------------
 
     @fuse_handler
+    @changes_live_tree
     async def setxattr(self, inode, name, value, ctx):
         ino = self._writable(inode)
         if len(name) > XATTR_NAME_MAX:
@@ -497,6 +522,7 @@ class BackupFS(pyfuse3.Operations):
         return view.listxattr(ino)
 
     @fuse_handler
+    @changes_live_tree
     async def removexattr(self, inode, name, ctx):
         ino = self._writable(inode)
         self.live.removexattr(ino, name)
@@ -508,3 +534,22 @@ class BackupFS(pyfuse3.Operations):
         """Seal all buffered data and close the transaction group."""
         await self.data.flush_all()
         await self.txg.commit()
+
+    async def take_snapshot(self, label: str | None = None, hold: bool = False):
+        """Snapshot the live tree at one point in time and make it durable."""
+        async with self.gate.closed():
+            await self.data.flush_all()
+            record = self.ns.snapshot(label=label, hold=hold)
+            await self.txg.commit()
+        self.snapshots.refresh()
+        return record
+
+    async def delete_snapshot(self, record) -> None:
+        self.ns.delete_snapshot(record.id)
+        await self.txg.commit()
+        self.snapshots.refresh()
+        try:
+            pyfuse3.invalidate_entry_async(SNAPSHOTS_DIR_INO, record.name.encode(),
+                                           ignore_enoent=True)
+        except Exception:  # the kernel may know nothing of it: nothing to forget
+            log.debug("invalidate_entry_async failed", exc_info=True)
