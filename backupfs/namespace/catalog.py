@@ -1,0 +1,94 @@
+"""The snapshot catalog: which snapshots exist, their names, labels, epochs and holds."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+
+from ..errors import BackupfsError
+from .records import U64
+
+NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
+
+
+class SnapshotNotFound(BackupfsError):
+    pass
+
+
+class SnapshotHeld(BackupfsError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    id: int
+    name: str        # YYYY-MM-DDTHHMMSSZ in UTC, with -2, -3 ... for a second in the same second
+    label: str | None
+    created_ns: int
+    epoch: int       # the epoch it froze: it sees every version born at or before it
+    hold: bool = False
+
+
+def base_name(created_ns: int) -> str:
+    return datetime.fromtimestamp(created_ns // 10**9, timezone.utc).strftime(NAME_FORMAT)
+
+
+def unique_name(created_ns: int, taken: set[str]) -> str:
+    name = base = base_name(created_ns)
+    n = 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+class Catalog:
+    """The `snapshots` database (id -> JSON record), mirrored in memory, oldest first."""
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.open_db("snapshots")
+        self.records: list[SnapshotRecord] = [
+            SnapshotRecord(id=U64.unpack(k)[0], **json.loads(v))
+            for k, v in store.txn.cursor(db=self.db)
+        ]
+
+    def _save(self, r: SnapshotRecord) -> None:
+        value = {k: v for k, v in asdict(r).items() if k != "id"}
+        self.store.txn.put(U64.pack(r.id), json.dumps(value).encode(), db=self.db)
+
+    def add(self, snap_id: int, epoch: int, label: str | None, hold: bool,
+            now_ns: int | None = None) -> SnapshotRecord:
+        created = time.time_ns() if now_ns is None else now_ns
+        name = unique_name(created, {r.name for r in self.records})
+        r = SnapshotRecord(snap_id, name, label, created, epoch, hold)
+        self._save(r)
+        self.records.append(r)
+        return r
+
+    def remove(self, snap_id: int) -> None:
+        self.store.txn.delete(U64.pack(snap_id), db=self.db)
+        self.records = [r for r in self.records if r.id != snap_id]
+
+    def set_hold(self, snap_id: int, hold: bool) -> SnapshotRecord:
+        r = replace(self.get(snap_id), hold=hold)
+        self._save(r)
+        self.records = [r if x.id == snap_id else x for x in self.records]
+        return r
+
+    def get(self, snap_id: int) -> SnapshotRecord:
+        for r in self.records:
+            if r.id == snap_id:
+                return r
+        raise SnapshotNotFound(f"no snapshot with id {snap_id}")
+
+    def find(self, name_or_id: str | int) -> SnapshotRecord:
+        for r in self.records:
+            if r.name == name_or_id or str(r.id) == str(name_or_id):
+                return r
+        raise SnapshotNotFound(f"no snapshot named {name_or_id!r}")
+
+    def epochs(self) -> list[int]:
+        return [r.epoch for r in self.records]

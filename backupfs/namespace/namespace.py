@@ -1,0 +1,197 @@
+"""`Namespace`: the versioned tree of one store: epochs, views, snapshots and their
+deletion, and the reclaiming of unlinked inodes.
+
+The live tree writes in the current epoch E. A snapshot records E in the catalog and
+moves on to E + 1: one small write, whatever the size of the tree. Deleting a snapshot
+frees, from the deadlists of the epochs it covered, exactly the versions no remaining
+snapshot and not the live tree can see (ZFS's deadlist rule), so its cost follows what
+changed, not the size of the tree.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import stat
+import time
+
+from ..store import Store
+from .catalog import Catalog, SnapshotHeld, SnapshotRecord
+from .live import LiveView
+from .records import ROOT_INO, U64, Attr, pack_inode
+from .versions import Deadlist, VersionedTable
+from .view import NamespaceView
+
+log = logging.getLogger(__name__)
+
+_EPOCH, _NEXT_INO, _NEXT_SNAPSHOT = b"epoch", b"next_ino", b"next_snapshot"
+FIRST_EPOCH = 1
+
+
+class InodeSet:
+    """A set of inode numbers kept in one LMDB database (orphans, the reclaim queue)."""
+
+    def __init__(self, store: Store, name: str):
+        self.store = store
+        self.db = store.open_db(name)
+
+    def add(self, ino: int, value: bytes = b"") -> None:
+        self.store.txn.put(U64.pack(ino), value, db=self.db)
+
+    def discard(self, ino: int) -> None:
+        self.store.txn.delete(U64.pack(ino), db=self.db)
+
+    def get(self, ino: int) -> bytes | None:
+        return self.store.txn.get(U64.pack(ino), db=self.db)
+
+    def items(self) -> list[tuple[int, bytes]]:
+        return [(U64.unpack(k)[0], v) for k, v in self.store.txn.cursor(db=self.db)]
+
+    def __len__(self) -> int:
+        return self.store.txn.stat(self.db)["entries"]
+
+
+class Namespace:
+    def __init__(self, store: Store):
+        self.store = store
+        self.block_size = store.config.block_size
+        self.meta = store.open_db("meta")
+        self.inodes = VersionedTable(self, "inodes", 1)
+        self.entries = VersionedTable(self, "entries", 2)
+        self.blockmap = VersionedTable(self, "blockmap", 3, release=store.blocks.decref)
+        self.xattrs = VersionedTable(self, "xattrs", 4)
+        self.tables = {t.table_id: t for t in (self.inodes, self.entries, self.blockmap,
+                                               self.xattrs)}
+        self.deadlist = Deadlist(self)
+        self.orphan_set = InodeSet(store, "orphans")       # nlink 0, maybe still open
+        self.reclaim_queue = InodeSet(store, "reclaim")    # ino -> epoch it died in
+        self.catalog = Catalog(store)
+        self._snapshot_epochs = self.catalog.epochs()
+        if self._counter(_EPOCH) is None:
+            self._format()
+        self.live = LiveView(self)
+
+    # -- counters --------------------------------------------------------------------
+
+    def _counter(self, key: bytes) -> int | None:
+        v = self.store.txn.get(key, db=self.meta)
+        return None if v is None else U64.unpack(v)[0]
+
+    def _set_counter(self, key: bytes, value: int) -> None:
+        self.store.txn.put(key, U64.pack(value), db=self.meta)
+
+    def _format(self) -> None:
+        """An empty tree: the root directory, owned by root, mode 0755."""
+        now = time.time_ns()
+        self._set_counter(_EPOCH, FIRST_EPOCH)
+        self._set_counter(_NEXT_INO, ROOT_INO + 1)
+        self._set_counter(_NEXT_SNAPSHOT, 1)
+        root = Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 0, 2, 0, now, now, now,
+                    parent=ROOT_INO)
+        self.inodes.write(U64.pack(ROOT_INO), pack_inode(root))
+
+    @property
+    def epoch(self) -> int:
+        """The live epoch: every change now is born in it."""
+        return self._counter(_EPOCH)
+
+    def allocate_ino(self) -> int:
+        ino = self._counter(_NEXT_INO)
+        self._set_counter(_NEXT_INO, ino + 1)
+        return ino
+
+    # -- views -----------------------------------------------------------------------
+
+    def view(self, epoch: int) -> NamespaceView:
+        return NamespaceView(self, epoch)
+
+    def seen_by_snapshot(self, born: int, killed: int) -> bool:
+        """Whether a remaining snapshot sees a version that lives in [born, killed)."""
+        i = bisect.bisect_left(self._snapshot_epochs, born)
+        return i < len(self._snapshot_epochs) and self._snapshot_epochs[i] < killed
+
+    # -- snapshots -------------------------------------------------------------------
+
+    def snapshot(self, label: str | None = None, hold: bool = False,
+                 now_ns: int | None = None) -> SnapshotRecord:
+        """Freeze the live tree: O(1), the caller has sealed everything into this epoch."""
+        epoch = self.epoch
+        snap_id = self._counter(_NEXT_SNAPSHOT)
+        self._set_counter(_NEXT_SNAPSHOT, snap_id + 1)
+        record = self.catalog.add(snap_id, epoch, label, hold, now_ns)
+        self._snapshot_epochs.append(epoch)
+        self._set_counter(_EPOCH, epoch + 1)
+        return record
+
+    def snapshots(self) -> list[SnapshotRecord]:
+        """Every snapshot, oldest first."""
+        return list(self.catalog.records)
+
+    def find_snapshot(self, name_or_id: str | int) -> SnapshotRecord:
+        return self.catalog.find(name_or_id)
+
+    def set_hold(self, snap_id: int, hold: bool) -> SnapshotRecord:
+        return self.catalog.set_hold(snap_id, hold)
+
+    def delete_snapshot(self, snap_id: int) -> int:
+        """Delete a snapshot and free what only it could see; returns versions freed."""
+        record = self.catalog.get(snap_id)
+        if record.hold:
+            raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
+        epochs = self._snapshot_epochs
+        i = epochs.index(record.epoch)
+        prev_epoch = epochs[i - 1] if i > 0 else 0
+        next_epoch = epochs[i + 1] if i + 1 < len(epochs) else self.epoch
+        self.catalog.remove(snap_id)
+        del epochs[i]
+        freed = 0
+        for killer, table_id, prefix, born in self.deadlist.killed_in(record.epoch + 1,
+                                                                        next_epoch):
+            if born > prev_epoch:
+                # Lived in [born, killer) with no remaining snapshot there: nobody sees it.
+                self.deadlist.remove(killer, self.tables[table_id], prefix)
+                self.tables[table_id].free_version(prefix, born)
+                freed += 1
+        log.debug("snapshot %s deleted: %d versions freed", record.name, freed)
+        return freed
+
+    # -- unlinked inodes -------------------------------------------------------------
+
+    def orphans(self) -> list[int]:
+        """Inodes with no names left that were not reclaimed (open when last seen)."""
+        return [ino for ino, _ in self.orphan_set.items()]
+
+    def reclaim(self, ino: int) -> None:
+        """Drop an inode with no names that nothing holds open. The inode record goes at
+        once; its blocks and xattrs are queued for `collect_garbage`, off the hot path."""
+        try:
+            attr = self.live.getattr(ino)
+        except OSError:
+            return
+        if attr.nlink:
+            return
+        self.orphan_set.discard(ino)
+        self.inodes.write(U64.pack(ino), None)
+        self.reclaim_queue.add(ino, U64.pack(self.epoch))
+
+    def collect_garbage(self, budget: int) -> int:
+        """Release up to `budget` records of reclaimed inodes; returns how many inodes are
+        still queued (0: nothing left to do)."""
+        for ino, died in self.reclaim_queue.items():
+            died_in = U64.unpack(died)[0]
+            budget = self._release_inode_records(ino, died_in, budget)
+            if budget <= 0:
+                break
+            self.reclaim_queue.discard(ino)
+        return len(self.reclaim_queue)
+
+    def _release_inode_records(self, ino: int, died_in: int, budget: int) -> int:
+        """Remove (as of the epoch the inode died in) its block map and xattrs."""
+        group = U64.pack(ino)
+        for table in (self.blockmap, self.xattrs):
+            for prefix, _ in list(table.scan(group, died_in)):
+                if budget <= 0:
+                    return 0
+                table.write(prefix, None, epoch=died_in)
+                budget -= 1
+        return budget

@@ -1,0 +1,200 @@
+"""`VersionedTable`: one LMDB database of epoch-versioned records, and the deadlist.
+
+Reading at epoch s sees, for each key, the newest version born at or before s; a
+tombstone or no version at all means absent. Writing in epoch K follows the rule that
+makes snapshots O(1) (see docs/architecture.md):
+
+- if no remaining snapshot can see the newest version (none was taken since it was
+  born), it is overwritten where it is and whatever it referenced is released at once;
+- otherwise it stays for the snapshots, the new version is written at K and the old one
+  goes on the deadlist of K, from where deleting the last snapshot that sees it frees it.
+
+A tombstone is kept only while an older version exists that it must hide, so deleting a
+file leaves nothing behind once no snapshot needs it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from .records import MAX_EPOCH, TOMBSTONE, U64, split_version_key, version_key
+
+if TYPE_CHECKING:
+    from .namespace import Namespace
+
+# deadlist key: killing epoch, table id, prefix -> birth epoch of the killed version
+_DEAD_HEAD = struct.Struct(">QB")
+
+
+def after_all_versions(prefix: bytes) -> bytes:
+    """A key sorting after every version of `prefix` and before the next prefix."""
+    return prefix + b"\xff" * 8 + b"\0"
+
+
+class VersionedTable:
+    def __init__(self, ns: "Namespace", name: str, table_id: int,
+                 release: Callable[[bytes], None] | None = None):
+        self.ns = ns
+        self.name = name
+        self.table_id = table_id
+        self.db = ns.store.open_db(name)
+        self._release = release
+
+    def _cursor(self):
+        return self.ns.store.txn.cursor(db=self.db)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self, prefix: bytes, epoch: int) -> bytes | None:
+        """The value visible at `epoch`, or None if absent there."""
+        c = self._cursor()
+        if not c.set_range(version_key(prefix, epoch)):
+            return None
+        k = c.key()
+        if len(k) != len(prefix) + 8 or not k.startswith(prefix):
+            return None
+        return c.value() or None
+
+    def versions(self, prefix: bytes) -> list[tuple[int, bytes]]:
+        """Every version of a key, newest first: (birth epoch, value)."""
+        out = []
+        c = self._cursor()
+        if c.set_range(prefix):
+            for k, v in c:
+                if len(k) != len(prefix) + 8 or not k.startswith(prefix):
+                    break
+                out.append((split_version_key(k)[1], v))
+        return out
+
+    def scan(self, group: bytes, epoch: int, start: bytes | None = None
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """(prefix, value) of the keys beginning with `group` that are present at `epoch`,
+        in key order, from `start` (a key or prefix) on.
+
+        The cursor is positioned afresh for every item, so the caller may change the
+        table between items (readdir while `rm -rf` unlinks) without losing its place.
+        """
+        seek = group if start is None else start
+        while True:
+            item = self._first_present(group, epoch, seek)
+            if item is None:
+                return
+            yield item
+            seek = after_all_versions(item[0])
+
+    def _first_present(self, group: bytes, epoch: int, seek: bytes):
+        c = self._cursor()
+        if not c.set_range(seek):
+            return None
+        k = c.key()
+        while k.startswith(group):
+            prefix, born = split_version_key(k)
+            if born <= epoch:
+                v = c.value()
+                if v:
+                    return prefix, v
+                if not c.set_range(after_all_versions(prefix)):  # hidden by a tombstone
+                    return None
+            elif not c.next():
+                return None
+            k = c.key()
+        return None
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, prefix: bytes, value: bytes | None, epoch: int | None = None) -> None:
+        """Make `value` (None: absent) the key's value from `epoch` (default: live) on."""
+        ns = self.ns
+        at = ns.epoch if epoch is None else epoch
+        txn = ns.store.txn
+        newer = self.versions(prefix)
+        new_value = TOMBSTONE if value is None else value
+        if not newer:
+            if value is not None:
+                txn.put(version_key(prefix, at), new_value, db=self.db)
+            return
+        born, old = newer[0]
+        if born == at or not ns.seen_by_snapshot(born, at):
+            self._release_value(old)
+            if value is None and len(newer) == 1:
+                txn.delete(version_key(prefix, born), db=self.db)
+            else:
+                txn.put(version_key(prefix, born), new_value, db=self.db)
+            return
+        if value is None and not old:
+            return  # already absent
+        txn.put(version_key(prefix, at), new_value, db=self.db)
+        ns.deadlist.add(at, self, prefix, born)
+
+    def _release_value(self, value: bytes) -> None:
+        if value and self._release is not None:
+            self._release(value)
+
+    def free_version(self, prefix: bytes, born: int) -> None:
+        """Remove a version no view can see any more, and a tombstone it leaves useless."""
+        txn = self.ns.store.txn
+        key = version_key(prefix, born)
+        value = txn.get(key, db=self.db)
+        if value is None:
+            return
+        self._release_value(value)
+        txn.delete(key, db=self.db)
+        self._drop_needless_tombstone(prefix)
+
+    def _drop_needless_tombstone(self, prefix: bytes) -> None:
+        """A tombstone with no older version hides nothing: remove it (and its deadlist
+        entry, if a newer version killed it)."""
+        versions = self.versions(prefix)
+        if not versions:
+            return
+        oldest_born, oldest = versions[-1]
+        if oldest:
+            return
+        self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)
+        if len(versions) > 1:
+            killer = versions[-2][0]
+            self.ns.deadlist.remove(killer, self, prefix)
+
+    def delete_all_versions(self, prefix: bytes) -> None:
+        txn = self.ns.store.txn
+        for born, value in self.versions(prefix):
+            self._release_value(value)
+            txn.delete(version_key(prefix, born), db=self.db)
+
+
+class Deadlist:
+    """Versions killed in an epoch that some snapshot still sees: (killer, table, key) -> birth."""
+
+    def __init__(self, ns: "Namespace"):
+        self.ns = ns
+        self.db = ns.store.open_db("deadlist")
+
+    @staticmethod
+    def _key(killer: int, table: VersionedTable, prefix: bytes) -> bytes:
+        return _DEAD_HEAD.pack(killer, table.table_id) + prefix
+
+    def add(self, killer: int, table: VersionedTable, prefix: bytes, born: int) -> None:
+        self.ns.store.txn.put(self._key(killer, table, prefix), U64.pack(born), db=self.db)
+
+    def remove(self, killer: int, table: VersionedTable, prefix: bytes) -> None:
+        self.ns.store.txn.delete(self._key(killer, table, prefix), db=self.db)
+
+    def killed_in(self, first: int, last: int) -> list[tuple[int, int, bytes, int]]:
+        """(killer, table id, prefix, birth) of everything killed in epochs first..last."""
+        out = []
+        c = self.ns.store.txn.cursor(db=self.db)
+        if not c.set_range(_DEAD_HEAD.pack(first, 0)):
+            return out
+        for k, v in c:
+            killer, table_id = _DEAD_HEAD.unpack_from(k)
+            if killer > last:
+                break
+            out.append((killer, table_id, bytes(k[_DEAD_HEAD.size:]), U64.unpack(v)[0]))
+        return out
+
+    def __len__(self) -> int:
+        return self.ns.store.txn.stat(self.db)["entries"]
+
+
+__all__ = ["VersionedTable", "Deadlist", "MAX_EPOCH"]

@@ -1,0 +1,197 @@
+"""The pyfuse3 Operations called directly from pytest-trio, without the kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+
+from backupfs.fs import BackupFS
+from backupfs.fs import inodes
+from backupfs.namespace import Namespace
+from backupfs.store import Store
+
+BS = 4096  # small blocks make boundaries cheap to test
+ROOT = pyfuse3.ROOT_INODE
+CTX = SimpleNamespace(uid=1000, gid=1000, pid=1, umask=0o022)
+
+
+def fields(**set_):
+    names = ["update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
+             "update_gid", "update_size"]
+    return SimpleNamespace(**{n: set_.get(n, False) for n in names})
+
+
+@pytest.fixture
+def fs(tmp_path):
+    Store.init(tmp_path / "store", block_size=BS)
+    store = Store.open(tmp_path / "store")
+    ns = Namespace(store)
+    ops = BackupFS(store, ns)
+    yield ops
+    store.close(commit=False)
+
+
+async def new_file(fs, name=b"f", parent=ROOT):
+    info, entry = await fs.create(parent, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    return info.fh, entry.st_ino
+
+
+async def test_write_read_across_block_boundaries(fs):
+    fh, ino = await new_file(fs)
+    data = os.urandom(3 * BS + 123)
+    assert await fs.write(fh, 0, data) == len(data)
+    assert await fs.read(fh, 0, len(data) + 100) == data          # buffered
+    await fs.flush(fh)
+    assert await fs.read(fh, BS - 10, 20) == data[BS - 10:BS + 10]  # sealed, from the store
+    assert (await fs.getattr(ino)).st_size == len(data)
+    # A partial overwrite inside a stored block is a read-modify-write.
+    await fs.write(fh, BS + 5, b"XYZ")
+    await fs.release(fh)
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    expect = data[:BS + 5] + b"XYZ" + data[BS + 8:]
+    assert await fs.read(fh, 0, len(expect)) == expect
+
+
+async def test_sparse_file_reads_zeros_and_stores_no_holes(fs):
+    fh, ino = await new_file(fs)
+    far = 1 << 40
+    await fs.write(fh, far, b"end")
+    await fs.write(fh, 0, bytes(BS))          # an all-zero block is a hole too
+    await fs.flush(fh)
+    attr = await fs.getattr(ino)
+    assert attr.st_size == far + 3
+    assert attr.st_blocks <= 2 * BS // 512
+    assert await fs.read(fh, far - 5, 8) == b"\0" * 5 + b"end"
+    assert await fs.read(fh, 12345678, 16) == bytes(16)
+
+
+async def test_truncate_to_partial_block_then_grow_reads_zeros(fs):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"a" * (2 * BS))
+    await fs.flush(fh)
+    e = pyfuse3.EntryAttributes()
+    e.st_size = 100
+    await fs.setattr(ino, e, fields(update_size=True), fh, CTX)
+    e.st_size = 2 * BS
+    await fs.setattr(ino, e, fields(update_size=True), fh, CTX)
+    got = await fs.read(fh, 0, 2 * BS)
+    assert got == b"a" * 100 + bytes(2 * BS - 100)
+
+
+async def test_snapshot_is_frozen_and_read_only(fs):
+    fh, ino = await new_file(fs, b"doc")
+    await fs.write(fh, 0, b"version 1")
+    record = await fs.take_snapshot(label="t")
+    await fs.write(fh, 0, b"VERSION 2")
+    await fs.release(fh)
+    snapdir = await fs.lookup(ROOT, b"snapshots", CTX)
+    assert snapdir.st_ino == inodes.SNAPSHOTS_DIR_INO
+    root = await fs.lookup(inodes.SNAPSHOTS_DIR_INO, record.name.encode(), CTX)
+    doc = await fs.lookup(root.st_ino, b"doc", CTX)
+    assert doc.st_ino != ino and doc.st_ino & inodes.INO_MASK == ino
+    sfh = (await fs.open(doc.st_ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(sfh, 0, 100) == b"version 1"
+    live = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(live, 0, 100) == b"VERSION 2"
+    for attempt in (
+        fs.open(doc.st_ino, os.O_WRONLY, CTX),
+        fs.create(root.st_ino, b"new", stat.S_IFREG | 0o644, os.O_RDWR, CTX),
+        fs.unlink(root.st_ino, b"doc", CTX),
+        fs.mkdir(root.st_ino, b"d", 0o755, CTX),
+        fs.setxattr(doc.st_ino, b"user.x", b"1", CTX),
+        fs.setattr(doc.st_ino, pyfuse3.EntryAttributes(), fields(update_mode=True), None, CTX),
+        fs.rename(root.st_ino, b"doc", ROOT, b"doc2", 0, CTX),
+        fs.link(doc.st_ino, ROOT, b"hard", CTX),
+        fs.mkdir(inodes.SNAPSHOTS_DIR_INO, b"x", 0o755, CTX),
+    ):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await attempt
+        assert e.value.errno == errno.EROFS
+    latest = await fs.lookup(inodes.SNAPSHOTS_DIR_INO, b"latest", CTX)
+    assert await fs.readlink(latest.st_ino, CTX) == record.name.encode()
+
+
+async def test_snapshots_name_is_reserved_at_root(fs):
+    for attempt in (fs.mkdir(ROOT, b"snapshots", 0o755, CTX),
+                    fs.create(ROOT, b"snapshots", stat.S_IFREG | 0o644, os.O_RDWR, CTX)):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await attempt
+        assert e.value.errno == errno.EEXIST
+    d = await fs.mkdir(ROOT, b"dir", 0o755, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await fs.rename(ROOT, b"dir", ROOT, b"snapshots", 0, CTX)
+    assert e.value.errno == errno.EPERM
+    # Inside a subdirectory the name is ordinary.
+    assert (await fs.mkdir(d.st_ino, b"snapshots", 0o755, CTX)).st_ino
+
+
+async def test_unlinked_open_file_reads_until_released_then_is_reclaimed(fs):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"still here")
+    await fs.unlink(ROOT, b"f", CTX)
+    assert await fs.read(fh, 0, 100) == b"still here"
+    await fs.forget([(ino, fs.lookups[ino])])
+    await fs.release(fh)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await fs.getattr(ino)
+    assert e.value.errno == errno.ENOENT
+
+
+async def test_new_files_belong_to_the_caller(fs):
+    _, ino = await new_file(fs)
+    attr = await fs.getattr(ino)
+    assert (attr.st_uid, attr.st_gid) == (1000, 1000)
+    assert stat.S_IMODE(attr.st_mode) == 0o644
+
+
+async def test_fsync_makes_data_durable(fs, tmp_path):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"durable")
+    await fs.fsync(fh, False)
+    # Another process reading the store sees the committed state (LMDB allows one
+    # environment per process, hence the subprocess).
+    script = (
+        "import sys; from backupfs.store import Store; from backupfs.namespace import Namespace\n"
+        "s = Store.open(sys.argv[1], readonly=True)\n"
+        "h = Namespace(s).live.block_hash(int(sys.argv[2]), 0)\n"
+        "sys.stdout.buffer.write(s.blocks.get(h))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store"), str(ino)],
+                         capture_output=True, check=True)
+    assert out.stdout == b"durable"
+
+
+async def test_identical_blocks_are_stored_once(fs):
+    data = os.urandom(4 * BS)
+    fh1, _ = await new_file(fs, b"a")
+    fh2, _ = await new_file(fs, b"b")
+    await fs.write(fh1, 0, data)
+    await fs.write(fh2, 0, data)
+    await fs.flush_everything()
+    h = fs.live.block_hash(fs.live.lookup(ROOT, b"a").ino, 0)
+    assert fs.store.blocks.refcount(h) == 2
+
+
+async def test_corrupt_block_is_eio_never_bad_bytes(fs):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, os.urandom(BS))
+    await fs.fsync(fh, False)
+    await fs.release(fh)
+    loc = fs.store.blocks.locate(fs.live.block_hash(ino, 0))
+    path = fs.store.packs.path(loc.pack_id)
+    with open(path, "r+b") as f:
+        f.seek(loc.offset + loc.record_len - 1)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await fs.read(fh, 0, BS)
+    assert e.value.errno == errno.EIO
