@@ -1,0 +1,146 @@
+"""A real backupfs mount for tests: the CLI in a subprocess, always unmounted.
+
+Following the design's rules for testing a mount: start `backupfs mount -f` in a
+subprocess, poll until the mountpoint is a mount (failing at once if the daemon exits),
+unmount with the CLI and check its exit status; in every teardown also detach lazily and
+kill the daemon if it is still there; fail when the daemon log holds a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BACKUPFS = [sys.executable, "-m", "backupfs"]
+MOUNT_TIMEOUT = 30.0
+UMOUNT_TIMEOUT = 120.0
+
+
+def backupfs(*args, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the backupfs CLI; returns the completed process (text output)."""
+    r = subprocess.run([*BACKUPFS, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"backupfs {' '.join(map(str, args))} exited {r.returncode}:\n"
+                             f"{r.stdout}{r.stderr}")
+    return r
+
+
+def is_mounted(path: Path) -> bool:
+    path = str(Path(path).resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+
+
+class Mount:
+    """One mounted store. Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, store: Path, mountpoint: Path, *options: str, txg_interval: float = 5.0,
+                 init: bool = True, init_args: tuple[str, ...] = ()):
+        self.store = Path(store)
+        self.path = Path(mountpoint)
+        self.options = options
+        self.txg_interval = txg_interval
+        self.log_path = self.store.parent / f"{self.store.name}-daemon.log"
+        self.proc: subprocess.Popen | None = None
+        if init and not (self.store / "config.toml").exists():
+            backupfs("init", self.store, *init_args)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> "Mount":
+        self.path.mkdir(parents=True, exist_ok=True)
+        cmd = [*BACKUPFS, "mount", "-f", "--txg-interval", str(self.txg_interval)]
+        for o in self.options:
+            cmd += ["-o", o]
+        cmd += [str(self.store), str(self.path)]
+        self._log = open(self.log_path, "ab")
+        self._log_start = self._log.tell()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(self.path):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode} before "
+                                     f"mounting:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"mount did not appear in {MOUNT_TIMEOUT} s:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Unmount with the CLI, which must succeed, and wait for the daemon to exit."""
+        if self.proc is None:
+            return
+        r = backupfs("umount", self.path, check=False, timeout=UMOUNT_TIMEOUT)
+        try:
+            code = self.proc.wait(timeout=UMOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"daemon did not exit after umount:\n{self.log()}")
+        self.proc = None
+        self._log.close()
+        assert r.returncode == 0, f"umount failed: {r.stderr}\n{self.log()}"
+        assert code == 0, f"daemon exited with {code}:\n{self.log()}"
+        self.check_log()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the daemon (a crash when SIGKILL) and detach the dead mount."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        force_unmount(self.path)
+        self.proc = None
+        if not self._log.closed:
+            self._log.close()
+
+    def cleanup(self) -> None:
+        """For teardowns: never leave a mount or a daemon behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.stop()
+                return
+            except Exception:
+                pass
+        self.kill()
+
+    def __enter__(self) -> "Mount":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.stop()
+        else:
+            self.cleanup()
+
+    # -- looking at it ---------------------------------------------------------------
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def check_log(self) -> None:
+        text = self.log()
+        assert "Traceback" not in text, f"the daemon logged a traceback:\n{text}"
+
+    def syncfs(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
