@@ -191,6 +191,8 @@ class BackupFS(pyfuse3.Operations):
             return self._virtual_dir_entry()
         if parent_inode == LATEST_INO:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         slot, ino, view = self._resolve(parent_inode)
         attr = view.lookup(ino, name)
         if slot:
