@@ -242,6 +242,7 @@ class BlockStore:
         Crash-safe: the old pack is deleted only after the commit that moves its blocks.
         A live block that fails verification is left where it is, and so is its pack.
         """
+        self.packs.seal(pack_id)  # live blocks must move to another pack
         length, _ = self.store.pack_info(pack_id)
         data = self.packs.read(pack_id, 0, length)
         moved, dropped = 0, 0

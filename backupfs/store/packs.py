@@ -74,6 +74,8 @@ class PackSet:
         self._dirs_to_sync: set[Path] = set()
         self._lengths: dict[int, int] = {}  # current (possibly uncommitted) lengths
         self._synced_unrecorded: dict[int, int] = {}
+        self._sealed: set[int] = set()  # never appended to again (being compacted away)
+        self._retired: set[int] = set()  # dropped from the index: no length to record
 
     # -- naming ---------------------------------------------------------------------
 
@@ -143,7 +145,8 @@ class PackSet:
     def _open_for_append(self) -> None:
         # Continue the newest pack while it has room, else start a new one.
         newest = max(self._lengths, default=None)
-        if self._write_fd is None and newest is not None and self._lengths[newest] < self.rotate_size:
+        if (self._write_fd is None and newest is not None and newest not in self._sealed
+                and self._lengths[newest] < self.rotate_size):
             self._write_id = newest
             self._write_fd = os.open(self.path(newest), os.O_WRONLY)
             self._write_len = self._lengths[newest]
@@ -197,8 +200,9 @@ class PackSet:
         return plan
 
     def record_synced(self, plan: "SyncPlan") -> dict[int, int]:
-        self._synced_unrecorded.update(plan.lengths)
-        return plan.lengths
+        lengths = {p: n for p, n in plan.lengths.items() if p not in self._retired}
+        self._synced_unrecorded.update(lengths)
+        return lengths
 
     def take_synced_lengths(self) -> dict[int, int]:
         """Lengths synced (possibly by an earlier `sync` in a worker thread) and not yet
@@ -215,6 +219,22 @@ class PackSet:
 
     def length(self, pack_id: int) -> int:
         return self._lengths.get(pack_id, 0)
+
+    def seal(self, pack_id: int) -> None:
+        """Append no more to this pack (compaction is about to empty it). Without this, a
+        store reopened with no pack open for appending would continue its newest pack,
+        and compacting that pack would move its live blocks into itself."""
+        self._sealed.add(pack_id)
+        if pack_id == self._write_id:
+            self._close_write_fd()
+
+    def retire(self, pack_id: int) -> None:
+        """The index no longer references this pack: it needs no fsync, and its length
+        must not be recorded again by the commit that drops it."""
+        self.seal(pack_id)
+        self._retired.add(pack_id)
+        self._dirty.discard(pack_id)
+        self._synced_unrecorded.pop(pack_id, None)
 
     def remove(self, pack_id: int) -> None:
         """Delete a pack whose blocks the committed index no longer references."""

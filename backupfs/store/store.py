@@ -180,6 +180,7 @@ class Store:
         self.txn.put(k, PACK_VALUE.pack(length, max(0, dead + delta)), db=self.packs_db)
 
     def drop_pack_record(self, pack_id: int) -> None:
+        self.packs.retire(pack_id)
         self.txn.delete(PACK_KEY.pack(pack_id), db=self.packs_db)
 
     # -- transaction groups --------------------------------------------------------

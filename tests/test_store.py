@@ -1,0 +1,599 @@
+"""The block store on real files: round trips, dedup, refcounts and compaction, pack
+rotation and recovery, corruption, the batch API, init/open errors and the writer lock.
+
+LMDB forbids opening one environment twice in a process, so every test closes its store
+before it reopens it, and anything that needs two openers at once runs a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
+from backupfs.store import Store, block_hash
+from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
+from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
+
+KiB = 1024
+
+
+def random_block(rng: random.Random, n: int = 128 * KiB) -> bytes:
+    return rng.randbytes(n)
+
+
+def text_block(seed: int, n: int = 128 * KiB) -> bytes:
+    line = f"line {seed}: the quick brown fox jumps over the lazy dog\n".encode()
+    return (line * (n // len(line) + 1))[:n]
+
+
+def pack_files(store_dir: Path) -> dict[int, Path]:
+    return {int(p.stem): p for p in (store_dir / "packs").glob("*/*.pack")}
+
+
+def pack_bytes(store_dir: Path) -> int:
+    return sum(p.stat().st_size for p in pack_files(store_dir).values())
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    d = tmp_path / "store"
+    Store.init(d)
+    return d
+
+
+@pytest.fixture
+def opened(store_dir):
+    """Open the store; the test may close and reopen it through `opened.reopen()`."""
+
+    class Opener:
+        store: Store | None = None
+
+        def reopen(self, commit: bool = True, **kw) -> Store:
+            self.close(commit)
+            self.store = Store.open(store_dir, **kw)
+            return self.store
+
+        def close(self, commit: bool = True) -> None:
+            if self.store is not None:
+                self.store.close(commit=commit)
+                self.store = None
+
+    o = Opener()
+    o.reopen()
+    yield o
+    o.close(commit=False)
+
+
+# -- round trips and dedup -------------------------------------------------------------
+
+
+def test_round_trip_random_compressible_empty(opened):
+    rng = random.Random(1)
+    blocks = {
+        "random": random_block(rng),
+        "compressible": text_block(1),
+        "empty": b"",
+        "small": b"x",
+        "zeros": bytes(128 * KiB),
+    }
+    s = opened.store
+    hashes = {name: s.blocks.put(data) for name, data in blocks.items()}
+    for name, data in blocks.items():
+        assert hashes[name] == block_hash(data)
+        assert s.blocks.get(hashes[name]) == data, name  # before the commit
+    assert s.blocks.locate(hashes["random"]).codec == CODEC_RAW
+    comp = s.blocks.locate(hashes["compressible"])
+    assert comp.codec == CODEC_ZSTD and comp.stored_len < comp.raw_len // 10
+    s = opened.reopen()
+    for name, data in blocks.items():
+        assert s.blocks.get(hashes[name]) == data, name
+        assert s.blocks.refcount(hashes[name]) == 1
+
+
+def test_compression_none_stores_raw(tmp_path):
+    Store.init(tmp_path / "s", compression="none")
+    with Store.open(tmp_path / "s") as s:
+        h = s.blocks.put(text_block(2))
+        loc = s.blocks.locate(h)
+        assert loc.codec == CODEC_RAW and loc.stored_len == loc.raw_len
+        assert s.blocks.get(h) == text_block(2)
+
+
+def test_dedup_same_block_twice_is_one_copy(opened, store_dir):
+    s = opened.store
+    data = random_block(random.Random(2))
+    h1 = s.blocks.put(data)
+    s.commit()
+    size_once = pack_bytes(store_dir)
+    h2 = s.blocks.put(data)
+    s.commit()
+    assert h1 == h2
+    assert pack_bytes(store_dir) == size_once
+    assert s.blocks.refcount(h1) == 2
+    assert len(list(s.blocks.iter_locations())) == 1
+    s = opened.reopen()
+    assert s.blocks.refcount(h1) == 2
+
+
+def test_refcounts_and_missing(opened):
+    s = opened.store
+    h = s.blocks.put(b"abc")
+    s.blocks.incref(h, 3)
+    assert s.blocks.refcount(h) == 4
+    s.blocks.decref(h, 4)
+    assert s.blocks.refcount(h) == 0 and h not in s.blocks
+    with pytest.raises(ValueError):
+        s.blocks.decref(h)
+    assert s.blocks.get(h) == b"abc"  # dead, but its bytes are there until compaction
+    s.blocks.put(b"abc")  # revived without a second copy
+    assert s.blocks.refcount(h) == 1
+    assert s.blocks.dead_bytes() == 0
+    unknown = block_hash(b"never stored")
+    with pytest.raises(MissingBlock):
+        s.blocks.get(unknown)
+    with pytest.raises(MissingBlock):
+        s.blocks.incref(unknown)
+    assert s.blocks.refcount(unknown) == 0
+
+
+# -- compaction and rotation -------------------------------------------------------------
+
+
+def test_refcount_zero_then_compact_frees_pack_bytes(store_dir):
+    rng = random.Random(3)
+    s = Store.open(store_dir, rotate_size=600 * KiB)
+    try:
+        doomed = [s.blocks.put(random_block(rng)) for _ in range(4)]  # fills pack 1
+        kept_data = [random_block(rng) for _ in range(4)]
+        kept = [s.blocks.put(d) for d in kept_data]  # pack 2
+        s.commit()
+        assert {s.blocks.locate(h).pack_id for h in doomed} == {1}
+        assert {s.blocks.locate(h).pack_id for h in kept} == {2}
+        before = pack_bytes(store_dir)
+        for h in doomed:
+            s.blocks.decref(h)
+        s.commit()
+        assert s.blocks.dead_bytes() == 4 * (RECORD_HEADER_LEN + 128 * KiB)
+        assert pack_bytes(store_dir) == before  # nothing freed before compaction
+        result = s.blocks.compact(threshold=0.5)
+        assert result.packs_rewritten == 1 and result.blocks_dropped == 4
+        assert result.blocks_moved == 0
+        assert 1 not in pack_files(store_dir)
+        assert pack_bytes(store_dir) <= before - 4 * 128 * KiB
+        assert s.blocks.dead_bytes() == 0
+        for h in doomed:
+            with pytest.raises(MissingBlock):
+                s.blocks.get(h)
+    finally:
+        s.close()
+    with Store.open(store_dir) as s:
+        assert 1 not in s.committed_pack_lengths()
+        for h, d in zip(kept, kept_data):
+            assert s.blocks.get(h) == d
+
+
+def test_compact_moves_live_blocks_of_a_mostly_dead_pack(store_dir):
+    rng = random.Random(4)
+    with Store.open(store_dir, rotate_size=600 * KiB) as s:
+        data = [random_block(rng) for _ in range(4)]
+        hs = [s.blocks.put(d) for d in data]
+        s.blocks.put(random_block(rng))  # rotates: pack 1 is closed
+        s.commit()
+        for h in hs[:3]:
+            s.blocks.decref(h)
+        result = s.blocks.compact(threshold=0.5)
+        assert (result.packs_rewritten, result.blocks_moved, result.blocks_dropped) == (1, 1, 3)
+        assert s.blocks.locate(hs[3]).pack_id != 1
+        assert 1 not in pack_files(store_dir)
+        assert s.blocks.get(hs[3]) == data[3]
+    with Store.open(store_dir) as s:
+        assert s.blocks.get(hs[3]) == data[3]
+        assert s.blocks.refcount(hs[3]) == 1
+
+
+def test_compact_after_reopen_keeps_live_blocks(opened, store_dir):
+    """After a reopen no pack is open for appending; compacting the newest pack must not
+    move its live blocks into itself and then delete it."""
+    s = opened.store
+    rng = random.Random(5)
+    data = [random_block(rng, 16 * KiB) for _ in range(6)]
+    hs = [s.blocks.put(d) for d in data]
+    s.commit()
+    for h in hs[:5]:
+        s.blocks.decref(h)
+    s = opened.reopen()
+    result = s.blocks.compact(threshold=0.5)
+    assert result.packs_rewritten == 1 and result.blocks_moved == 1
+    assert s.blocks.get(hs[5]) == data[5]
+    s = opened.reopen()
+    assert s.blocks.get(hs[5]) == data[5]
+    assert set(pack_files(store_dir)) == set(s.committed_pack_lengths())
+
+
+def test_compact_a_pack_with_uncommitted_appends(store_dir):
+    """A closed pack appended to since the last commit, then compacted: no stale record
+    of it is left in the index once its file is deleted."""
+    rng = random.Random(6)
+    with Store.open(store_dir, rotate_size=300 * KiB) as s:
+        first = s.blocks.put(random_block(rng))
+        s.commit()  # pack 1 is committed with one block
+        second = s.blocks.put(random_block(rng))  # pack 1 grows (uncommitted)
+        third_data = random_block(rng)
+        third = s.blocks.put(third_data)  # pack 2: pack 1 is closed
+        assert s.blocks.locate(second).pack_id == 1 and s.blocks.locate(third).pack_id == 2
+        s.blocks.decref(first)
+        s.blocks.decref(second)
+        assert s.blocks.compact(0.5).packs_rewritten == 1
+        assert 1 not in s.committed_pack_lengths()
+    with Store.open(store_dir) as s:
+        assert set(pack_files(store_dir)) == set(s.committed_pack_lengths()) == {2}
+        assert s.blocks.get(third) == third_data
+
+
+def test_pack_rotation_path_and_header(store_dir):
+    rotate = 300 * KiB
+    rng = random.Random(7)
+    with Store.open(store_dir, rotate_size=rotate) as s:
+        hs = [s.blocks.put(random_block(rng)) for _ in range(7)]
+        s.commit()
+        committed = s.committed_pack_lengths()
+    files = pack_files(store_dir)
+    assert sorted(files) == [1, 2, 3, 4]  # two 128 KiB records per pack
+    assert set(committed) == set(files)
+    for pack_id, path in files.items():
+        assert path == store_dir / "packs" / f"{pack_id >> 8:02x}" / f"{pack_id:06d}.pack"
+        assert path.stat().st_size == committed[pack_id] <= rotate
+        with open(path, "rb") as f:
+            assert PACK_HEADER.unpack(f.read(PACK_HEADER_LEN)) == (PACK_MAGIC, PACK_VERSION,
+                                                                    pack_id)
+    with Store.open(store_dir, rotate_size=rotate) as s:
+        assert [s.blocks.locate(h).pack_id for h in hs] == [1, 1, 2, 2, 3, 3, 4]
+        assert s.blocks.locate(hs[1]).offset == PACK_HEADER_LEN + RECORD_HEADER_LEN + 128 * KiB
+        # a reopened store continues the newest pack while it has room
+        h = s.blocks.put(random_block(rng))
+        assert s.blocks.locate(h).pack_id == 4
+
+
+# -- recovery of uncommitted tails ---------------------------------------------------------
+
+
+def test_uncommitted_tail_and_garbage_are_cut_on_open(store_dir):
+    rng = random.Random(8)
+    kept_data = random_block(rng)
+    with Store.open(store_dir, rotate_size=300 * KiB) as s:
+        kept = s.blocks.put(kept_data)
+    path = pack_files(store_dir)[1]
+    committed_size = path.stat().st_size
+    s = Store.open(store_dir, rotate_size=300 * KiB)
+    lost = [s.blocks.put(random_block(rng)) for _ in range(3)]  # the rest of pack 1, pack 2
+    s.packs.sync()  # even synced bytes do not count until the index commits them
+    s.close(commit=False)
+    assert path.stat().st_size > committed_size
+    assert set(pack_files(store_dir)) == {1, 2}
+    with open(path, "ab") as f:
+        f.write(b"garbage after the tail" * 100)
+    with Store.open(store_dir) as s:
+        assert any("cut" in a for a in s.recovery_actions)
+        assert any("removed uncommitted pack" in a for a in s.recovery_actions)
+        assert path.stat().st_size == committed_size
+        assert set(pack_files(store_dir)) == {1}
+        assert s.blocks.get(kept) == kept_data
+        for h in lost:
+            with pytest.raises(MissingBlock):
+                s.blocks.get(h)
+        # appends go where the committed bytes end
+        h = s.blocks.put(b"after recovery")
+        assert s.blocks.locate(h).offset == committed_size
+    with Store.open(store_dir) as s:
+        assert s.recovery_actions == []
+        assert s.blocks.get(h) == b"after recovery"
+
+
+def test_garbage_only_tail_is_ignored_by_readonly_open(store_dir):
+    with Store.open(store_dir) as s:
+        h = s.blocks.put(b"data")
+    path = pack_files(store_dir)[1]
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(os.urandom(1000))
+    with Store.open(store_dir, readonly=True) as s:
+        assert s.blocks.get(h) == b"data"
+        assert path.stat().st_size == size + 1000  # a reader changes nothing
+    with Store.open(store_dir) as s:
+        assert path.stat().st_size == size
+
+
+# -- corruption --------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("where", ["payload", "header", "last"])
+@pytest.mark.parametrize("kind", ["random", "compressible"])
+async def test_flipped_byte_is_never_returned(store_dir, where, kind):
+    data = random_block(random.Random(9)) if kind == "random" else text_block(9)
+    with Store.open(store_dir) as s:
+        other = s.blocks.put(b"a neighbour")
+        h = s.blocks.put(data)
+        loc = s.blocks.locate(h)
+        s.blocks.get(h)  # a cached read handle must not hide the damage
+        offset = {"payload": loc.offset + RECORD_HEADER_LEN + loc.stored_len // 2,
+                  "header": loc.offset + 5,  # inside the raw length
+                  "last": loc.offset + loc.record_len - 1}[where]
+        s.commit()
+        flip_byte(pack_files(store_dir)[loc.pack_id], offset)
+        calls = [lambda: s.blocks.get(h), lambda: s.blocks.read_verified(loc)]
+        for call in calls:
+            with pytest.raises(CorruptBlock) as ei:
+                call()
+            e = ei.value
+            assert (e.block_hash, e.pack_id, e.offset) == (h, loc.pack_id, loc.offset)
+            assert h.hex() in str(e) and f"pack {loc.pack_id}" in str(e)
+        with pytest.raises(CorruptBlock):
+            await s.blocks.get_async(h)
+        assert s.blocks.checksum_errors == 3
+        assert s.blocks.get(other) == b"a neighbour"
+
+
+def test_corrupt_live_block_is_not_spread_by_compaction(store_dir):
+    rng = random.Random(10)
+    with Store.open(store_dir, rotate_size=600 * KiB) as s:
+        hs = [s.blocks.put(random_block(rng)) for _ in range(4)]
+        s.blocks.put(random_block(rng))  # pack 2
+        s.commit()
+        loc = s.blocks.locate(hs[0])
+        flip_byte(pack_files(store_dir)[1], loc.offset + RECORD_HEADER_LEN + 10)
+        for h in hs[1:]:
+            s.blocks.decref(h)
+        result = s.blocks.compact(0.5)
+        assert result.packs_rewritten == 0 and result.corrupt
+        assert result.corrupt[0].block_hash == hs[0]
+        assert 1 in pack_files(store_dir)
+        with pytest.raises(CorruptBlock):
+            s.blocks.get(hs[0])
+
+
+# -- the batch API from trio ---------------------------------------------------------------
+
+
+async def test_put_many_from_trio(opened):
+    s = opened.store
+    rng = random.Random(11)
+    existing = s.blocks.put(b"already there")
+    dead = s.blocks.put(b"dead before")
+    s.blocks.decref(dead)
+    blocks = [random_block(rng) for _ in range(6)] + [text_block(i) for i in range(6)]
+    batch = blocks + [blocks[0], b"already there", b"dead before", b""]
+    hashes = await s.blocks.put_many(batch)
+    assert hashes == [block_hash(b) for b in batch]
+    assert s.blocks.refcount(hashes[0]) == 2
+    assert s.blocks.refcount(existing) == 2
+    assert s.blocks.refcount(dead) == 1
+    assert s.blocks.dead_bytes() == 0
+    for h, b in zip(hashes, batch):
+        assert await s.blocks.get_async(h) == b
+    s = opened.reopen()
+    for h, b in zip(hashes, batch):
+        assert s.blocks.get(h) == b
+    assert len(list(s.blocks.iter_locations())) == len(set(hashes))
+
+
+async def test_put_many_concurrent_batches_dedup(opened):
+    s = opened.store
+    data = [text_block(i, 32 * KiB) for i in range(8)]
+    results = []
+
+    async def one():
+        results.append(await s.blocks.put_many(data))
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(one)
+    assert all(r == results[0] for r in results)
+    for h, d in zip(results[0], data):
+        assert s.blocks.refcount(h) == 3
+        assert s.blocks.get(h) == d
+    assert len(list(s.blocks.iter_locations())) == 8
+
+
+# -- init and open ------------------------------------------------------------------------
+
+
+def test_init_refuses_non_empty_dir_and_existing_store(tmp_path):
+    d = tmp_path / "full"
+    d.mkdir()
+    (d / "somefile").write_text("x")
+    with pytest.raises(StoreError, match="not empty"):
+        Store.init(d)
+    assert sorted(os.listdir(d)) == ["somefile"]
+    Store.init(tmp_path / "s")
+    with pytest.raises(StoreError, match="already a backupfs store"):
+        Store.init(tmp_path / "s")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        Store.init(tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = Store.init(empty)  # an empty directory is fine
+    assert cfg.block_size == 128 * KiB and str(cfg.compression) == "zstd:3"
+    text = (empty / "config.toml").read_text()
+    assert "format_version = 1" in text and "block_size = 131072" in text
+
+
+def test_init_rejects_bad_parameters(tmp_path):
+    with pytest.raises(StoreError, match="power of two"):
+        Store.init(tmp_path / "a", block_size=100_000)
+    with pytest.raises(StoreError, match="compression"):
+        Store.init(tmp_path / "b", compression="lz4")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_open_missing_or_foreign_store(tmp_path, store_dir):
+    with pytest.raises(StoreError, match="no such store"):
+        Store.open(tmp_path / "nope")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "data.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a backupfs store"):
+        Store.open(tmp_path / "foreign")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        Store.open(tmp_path / "f")
+    no_index = tmp_path / "no-index"
+    no_index.mkdir()
+    shutil.copy(store_dir / "config.toml", no_index / "config.toml")
+    with pytest.raises(StoreError, match="index"):
+        Store.open(no_index)
+
+
+@pytest.mark.parametrize("change", ["version 2", "no version", "bad toml", "bad block size"])
+def test_open_rejects_bad_config(store_dir, change):
+    cfg = store_dir / "config.toml"
+    text = cfg.read_text()
+    text = {
+        "version 2": text.replace("format_version = 1", "format_version = 2"),
+        "no version": text.replace("format_version = 1", ""),
+        "bad toml": text + "\n[[[\n",
+        "bad block size": text.replace("block_size = 131072", "block_size = 1000"),
+    }[change]
+    cfg.write_text(text)
+    with pytest.raises(StoreError) as ei:
+        Store.open(store_dir)
+    assert "\n" not in str(ei.value).strip()
+    if change.startswith("version") or change == "no version":
+        assert "format version" in str(ei.value)
+
+
+OTHER_PROCESS = textwrap.dedent("""
+    import sys
+    from backupfs.store import Store
+    from backupfs.errors import StoreInUse
+    store, h = sys.argv[1], bytes.fromhex(sys.argv[2])
+    try:
+        Store.open(store)
+    except StoreInUse as e:
+        print("in use:", e)
+    else:
+        print("opened for writing")
+    with Store.open(store, readonly=True) as s:
+        print("read:", s.blocks.get(h).decode())
+""")
+
+
+def test_second_writer_is_refused_while_readers_read(opened, store_dir):
+    s = opened.store
+    h = s.blocks.put(b"committed before")
+    s.commit()
+    s.blocks.put(b"not yet committed")
+    r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, str(store_dir), h.hex()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("in use: ") and "in use by another process" in lines[0]
+    assert lines[1] == "read: committed before"
+    opened.close()
+    r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, str(store_dir), h.hex()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[0] == "opened for writing", r.stderr
+
+
+def test_store_in_use_is_a_store_error():
+    assert issubclass(StoreInUse, StoreError)
+
+
+# -- a property: random operations against a model of the refcounts ------------------------
+
+POOL = [b""] + [text_block(i, 3 * KiB) for i in range(4)] + \
+       [random.Random(i).randbytes(3 * KiB) for i in range(5)]
+
+op = st.one_of(
+    st.tuples(st.just("put"), st.integers(0, len(POOL) - 1)),
+    st.tuples(st.just("put_many"), st.lists(st.integers(0, len(POOL) - 1), max_size=4)),
+    st.tuples(st.just("incref"), st.integers(0, len(POOL) - 1)),
+    st.tuples(st.just("decref"), st.integers(0, len(POOL) - 1)),
+    st.tuples(st.just("commit"), st.none()),
+    st.tuples(st.just("compact"), st.sampled_from([0.0, 0.3, 0.6])),
+    st.tuples(st.just("reopen"), st.booleans()),
+)
+
+
+def check_model(s: Store, model: dict[int, int]) -> None:
+    for i, data in enumerate(POOL):
+        h = block_hash(data)
+        assert s.blocks.refcount(h) == model.get(i, 0), i
+        if model.get(i, 0):
+            assert s.blocks.get(h) == data
+    # dead bytes per pack are exactly the records of blocks at refcount zero
+    dead: dict[int, int] = {}
+    for loc in s.blocks.iter_locations():
+        if loc.refcount == 0:
+            dead[loc.pack_id] = dead.get(loc.pack_id, 0) + loc.record_len
+    for pack_id in set(dead) | set(s.committed_pack_lengths()):
+        assert s.pack_info(pack_id)[1] == dead.get(pack_id, 0), pack_id
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, max_size=40))
+def test_random_operations_match_a_refcount_model(ops):
+    d = Path(tempfile.mkdtemp(prefix="bkfs-prop-"))
+    rotate = 8 * KiB  # a few blocks per pack: rotation and compaction happen often
+    try:
+        Store.init(d / "s")
+        s = Store.open(d / "s", rotate_size=rotate)
+        model: dict[int, int] = {}
+        committed: dict[int, int] = {}
+        try:
+            for name, arg in ops:
+                if name == "put":
+                    s.blocks.put(POOL[arg])
+                    model[arg] = model.get(arg, 0) + 1
+                elif name == "put_many":
+                    trio.run(s.blocks.put_many, [POOL[i] for i in arg])
+                    for i in arg:
+                        model[i] = model.get(i, 0) + 1
+                elif name == "incref" and model.get(arg):
+                    s.blocks.incref(block_hash(POOL[arg]))
+                    model[arg] += 1
+                elif name == "decref" and model.get(arg):
+                    s.blocks.decref(block_hash(POOL[arg]))
+                    model[arg] -= 1
+                elif name == "commit":
+                    s.commit()
+                    committed = dict(model)
+                elif name == "compact":
+                    if s.blocks.compact(arg).packs_rewritten:
+                        committed = dict(model)  # compaction commits
+                elif name == "reopen":
+                    s.close(commit=arg)
+                    if arg:
+                        committed = dict(model)
+                    model = dict(committed)
+                    s = Store.open(d / "s", rotate_size=rotate)
+                check_model(s, model)
+            s.close()
+            s = Store.open(d / "s", rotate_size=rotate)
+            check_model(s, model)
+            assert set(pack_files(d / "s")) == set(s.committed_pack_lengths())
+        finally:
+            s.close(commit=False)
+    finally:
+        shutil.rmtree(d)
