@@ -38,6 +38,10 @@ XATTR_SIZE_MAX = 65536
 # it from memory keeps writes free of an LMDB lookup.
 CAPABILITY_XATTR = b"security.capability"
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# POSIX ACLs are not implemented: kept as plain xattrs they would not change the mode,
+# and `cp -a`/`rsync -A` set a file's mode through this xattr when the target takes it.
+# Refusing them (as ext4 mounted noacl does) makes them fall back to chmod.
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
 class BoundedSet(set):
@@ -496,6 +500,8 @@ class BackupFS(pyfuse3.Operations):
     @changes_live_tree
     async def setxattr(self, inode, name, value, ctx):
         ino = self._writable(inode)
+        if name in ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if len(name) > XATTR_NAME_MAX:
             raise pyfuse3.FUSEError(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
