@@ -14,6 +14,11 @@ from ..errors import BackupfsError
 class BackupfsGroup(click.Group):
     """Runs commands so that a BackupfsError is one line on stderr and a non-zero exit."""
 
+    def main(self, *args, **kwargs):
+        # `python -m backupfs` would otherwise call itself "python -m backupfs" in usage lines.
+        kwargs.setdefault("prog_name", "backupfs")
+        return super().main(*args, **kwargs)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

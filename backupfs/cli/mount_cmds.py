@@ -50,7 +50,7 @@ def _split_options(values: tuple[str, ...]) -> list[str]:
 def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interval,
               no_writeback_cache):
     """Mount STORE at MOUNTPOINT. Detaches and returns once the mount answers, unless -f."""
-    from ..daemon.mountinfo import find_mount
+    from ..daemon.mountinfo import find_mount, mounts_of_store
 
     store_path = Path(store).resolve()
     mnt = Path(mountpoint).resolve()
@@ -58,6 +58,13 @@ def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interva
         raise BackupfsError(f"{store}: not a backupfs store (run `backupfs init {store}` first)")
     if not mnt.is_dir():
         raise BackupfsError(f"{mountpoint}: mountpoint does not exist or is not a directory")
+    # Checked here, not left to the daemon: the wait below would take an existing mount at
+    # MOUNTPOINT for the new one and report success.
+    existing = find_mount(mnt)
+    if existing is not None:
+        raise BackupfsError(f"{mountpoint}: already a backupfs mount (of {existing.store})")
+    for m in mounts_of_store(store_path):
+        raise BackupfsError(f"{store}: already mounted at {m.mountpoint}")
     verbose = ctx.parent.params.get("verbose", 0) if ctx.parent else 0
     if foreground:
         from ..daemon.serve import Daemon
