@@ -20,7 +20,7 @@ import trio
 
 from ..errors import BackupfsError
 from ..fs import BackupFS
-from ..namespace import Namespace
+from ..namespace import Namespace, SnapshotHeld
 from ..snapshots.retention import KeepPolicy, decide
 from ..snapshots.schedule import Schedule
 from ..store import Store
@@ -107,6 +107,7 @@ class Daemon:
                 nursery.start_soon(self._scheduler, schedule)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+        await ops.finish_deletes()
         await ops.flush_everything()
         while ops.ns.collect_garbage(GC_BUDGET):
             await ops.txg.commit()
@@ -165,17 +166,21 @@ class Daemon:
         return snapshot_dict(record)
 
     async def control_list(self) -> list[dict]:
-        return [snapshot_dict(r) for r in self.ops.ns.snapshots()]
+        return [snapshot_dict(r) for r in self.ops.visible_snapshots()]
 
     async def control_delete(self, names: list[str]) -> list[str]:
-        records = [self.ops.ns.find_snapshot(n) for n in names]  # all known before any goes
+        # All known and none held before any goes: a refused delete changes nothing.
+        records = list({r.id: r for r in map(self.ops.find_snapshot, names)}.values())
+        for r in records:
+            if r.hold:
+                raise SnapshotHeld(f"snapshot {r.name} is held; release it first")
         for r in records:
             await self.ops.delete_snapshot(r)
             log.info("snapshot %s deleted", r.name)
         return [r.name for r in records]
 
     async def control_hold(self, name: str, hold: bool = True) -> dict:
-        r = self.ops.ns.set_hold(self.ops.ns.find_snapshot(name).id, bool(hold))
+        r = self.ops.ns.set_hold(self.ops.find_snapshot(name).id, bool(hold))
         await self.ops.txg.commit()
         self.ops.snapshots.refresh()
         return snapshot_dict(r)
@@ -184,7 +189,7 @@ class Daemon:
         return await self._prune(KeepPolicy.from_mapping(policy), dry_run)
 
     async def _prune(self, policy: KeepPolicy, dry_run: bool) -> list[dict]:
-        decisions = decide(self.ops.ns.snapshots(), policy)
+        decisions = decide(self.ops.visible_snapshots(), policy)
         if not dry_run:
             for d in decisions:
                 if not d.keep:

@@ -19,7 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyfuse3
+import trio
 
+from ..namespace import SnapshotHeld
 from . import inodes
 from .filedata import FileContents
 from .gate import ChangeGate
@@ -104,6 +106,7 @@ class BackupFS(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.lookups: Counter[int] = Counter()   # kernel lookup count per live ino
         self.open_count: Counter[int] = Counter()
+        self.slot_handles: Counter[int] = Counter()  # open files and dirs per snapshot slot
         self._fh = itertools.count(1)
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
@@ -356,7 +359,9 @@ class BackupFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = next(self._fh)
         self.files[fh] = FileHandle(inode, writable)
-        if not slot:
+        if slot:
+            self.slot_handles[slot] += 1
+        else:
             self.open_count[ino] += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -388,7 +393,10 @@ class BackupFS(pyfuse3.Operations):
     @fuse_handler
     async def release(self, fh):
         h = self.files.pop(fh, None)
-        if h is None or h.kernel_ino >> inodes.SLOT_SHIFT:
+        if h is None:
+            return
+        if h.kernel_ino >> inodes.SLOT_SHIFT:
+            await self._slot_closed(h.kernel_ino >> inodes.SLOT_SHIFT)
             return
         ino = h.kernel_ino
         if self.data.has_dirty(ino):
@@ -420,6 +428,8 @@ class BackupFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = next(self._fh)
         self.dirs[fh] = DirHandle(inode)
+        if inode >> inodes.SLOT_SHIFT:
+            self.slot_handles[inode >> inodes.SLOT_SHIFT] += 1
         return fh
 
     @fuse_handler
@@ -465,7 +475,9 @@ class BackupFS(pyfuse3.Operations):
 
     @fuse_handler
     async def releasedir(self, fh):
-        self.dirs.pop(fh, None)
+        h = self.dirs.pop(fh, None)
+        if h is not None and h.kernel_ino >> inodes.SLOT_SHIFT:
+            await self._slot_closed(h.kernel_ino >> inodes.SLOT_SHIFT)
 
     @fuse_handler
     async def fsyncdir(self, fh, datasync):
@@ -552,12 +564,55 @@ class BackupFS(pyfuse3.Operations):
         self.snapshots.refresh()
         return record
 
+    def visible_snapshots(self) -> list:
+        """The snapshots the user sees, oldest first (not those being deleted)."""
+        return list(self.snapshots.records)
+
+    def find_snapshot(self, name: str):
+        return self.snapshots.find(name)
+
     async def delete_snapshot(self, record) -> None:
+        """Delete a snapshot. It disappears at once; if files or directories in it are
+        open, its contents go when the last of them is closed (they read on till then)."""
+        if record.hold:
+            raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
+        slot = self.snapshots.slot(record.id)
+        if slot is not None and self.slot_handles.get(slot):
+            self.snapshots.hide(record)
+            log.info("snapshot %s is open: deleting it once closed", record.name)
+        else:
+            await self._delete_now(record)
+        await self._forget_entry(record.name.encode())
+        if not self.snapshots.records:
+            await self._forget_entry(inodes.LATEST_NAME)
+
+    async def _delete_now(self, record) -> None:
         self.ns.delete_snapshot(record.id)
         await self.txg.commit()
         self.snapshots.refresh()
+
+    async def _slot_closed(self, slot: int) -> None:
+        left = self.slot_handles[slot] - 1
+        if left > 0:
+            self.slot_handles[slot] = left
+            return
+        self.slot_handles.pop(slot, None)
+        record = self.snapshots.record(slot)
+        if record is None:
+            for r in self.snapshots.hidden.values():
+                if self.snapshots.slot(r.id) == slot:
+                    await self._delete_now(r)
+                    log.info("snapshot %s closed and deleted", r.name)
+                    break
+
+    async def finish_deletes(self) -> None:
+        """Delete for real the snapshots still open (at unmount: nothing reads them now)."""
+        for r in list(self.snapshots.hidden.values()):
+            await self._delete_now(r)
+
+    async def _forget_entry(self, name: bytes) -> None:
+        """Make the kernel forget /snapshots/NAME before the caller is answered."""
         try:
-            pyfuse3.invalidate_entry_async(SNAPSHOTS_DIR_INO, record.name.encode(),
-                                           ignore_enoent=True)
-        except Exception:  # the kernel may know nothing of it: nothing to forget
-            log.debug("invalidate_entry_async failed", exc_info=True)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, SNAPSHOTS_DIR_INO, name)
+        except OSError:  # the kernel knows nothing of it: nothing to forget
+            pass

@@ -4,6 +4,10 @@
 Each snapshot gets a *slot* (1..65535) for the life of the mount; its objects are shown
 to the kernel as `slot << 48 | ino` (see inodes.py). Slots are never reused within a
 mount, so a kernel inode number always means the same object.
+
+A snapshot deleted while files or directories in it are open is *hidden* at once (gone
+from the listing, `latest`, `list` and `prune`) and deleted for real when the last of
+them is closed: until then its versions stay, and the open files read on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import errno
 import stat
 import time
 
+from ..namespace import SnapshotNotFound
 from . import inodes
 
 
@@ -22,17 +27,25 @@ class SnapshotTree:
         self._by_slot: dict[int, object] = {}  # slot -> SnapshotRecord
         self._views: dict[int, object] = {}  # slot -> NamespaceView
         self._next_slot = 1
+        self.hidden: dict[int, object] = {}  # snapshot id -> record, deleted but still open
         self.mtime_ns = time.time_ns()
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the catalog (after a snapshot is taken or deleted)."""
-        records = self.ns.snapshots()
-        live_ids = {r.id for r in records}
-        for snap_id in [i for i in self._slot_of if i not in live_ids]:
-            slot = self._slot_of.pop(snap_id)
+        all_records = self.ns.snapshots()
+        existing = {r.id for r in all_records}
+        for snap_id in [i for i in self.hidden if i not in existing]:
+            del self.hidden[snap_id]
+        records = [r for r in all_records if r.id not in self.hidden]
+        visible = {r.id for r in records}
+        for snap_id in [i for i in self._slot_of if i not in visible]:
+            slot = self._slot_of[snap_id]
             self._by_slot.pop(slot, None)
-            # The view stays: open files in a deleted snapshot read on until closed.
+            if snap_id not in existing:
+                del self._slot_of[snap_id]
+                self._views.pop(slot, None)
+            # A hidden snapshot keeps its slot and view: its open files read on.
         self.by_name = {}
         for r in records:
             slot = self._slot_of.get(r.id)
@@ -46,8 +59,20 @@ class SnapshotTree:
         self.records = records
         self.mtime_ns = time.time_ns()
 
-    def slot(self, snap_id: int) -> int:
-        return self._slot_of[snap_id]
+    def slot(self, snap_id: int) -> int | None:
+        return self._slot_of.get(snap_id)
+
+    def hide(self, record) -> None:
+        """Take a snapshot out of sight until it is deleted for real."""
+        self.hidden[record.id] = record
+        self.refresh()
+
+    def find(self, name: str):
+        """The visible snapshot named `name` (or with that id)."""
+        for r in self.records:
+            if r.name == name or str(r.id) == str(name):
+                return r
+        raise SnapshotNotFound(f"no snapshot named {name!r}")
 
     def view(self, slot: int):
         v = self._views.get(slot)
