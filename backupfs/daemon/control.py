@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket as stdlib_socket
+from datetime import datetime, timezone
 from pathlib import Path
 
 import trio
@@ -21,8 +22,10 @@ log = logging.getLogger("backupfs.control")
 
 
 def snapshot_dict(r) -> dict:
-    return {"id": r.id, "name": r.name, "label": r.label, "created_ns": r.created_ns,
-            "epoch": r.epoch, "hold": r.hold}
+    created = datetime.fromtimestamp(r.created_ns / 1e9, timezone.utc)
+    return {"id": r.id, "name": r.name, "label": r.label,
+            "created": created.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "created_ns": r.created_ns, "epoch": r.epoch, "hold": r.hold}
 
 
 class ControlServer:

@@ -198,6 +198,17 @@ class Daemon:
         return [{**snapshot_dict(d.snapshot), "keep": d.keep, "reasons": list(d.reasons)}
                 for d in decisions]
 
+    async def control_stats(self) -> dict:
+        """What the store holds, after sealing what is buffered: `stored_bytes` is what
+        live blocks take in packs; `dead_bytes` is what deleted blocks still take until
+        compaction rewrites their packs."""
+        await self.ops.flush_everything()
+        store = self.ops.store
+        pack_bytes = sum(store.pack_info(p)[0] for p in store.committed_pack_lengths())
+        dead = store.blocks.dead_bytes()
+        return {"snapshots": len(self.ops.visible_snapshots()), "pack_bytes": pack_bytes,
+                "dead_bytes": dead, "stored_bytes": pack_bytes - dead}
+
     async def control_flush(self) -> dict:
         await trio.to_thread.run_sync(_syncfs, self.mountpoint)
         await self.ops.flush_everything()
