@@ -147,10 +147,11 @@ class Namespace:
         freed = 0
         for killer, table_id, prefix, born in self.deadlist.killed_in(record.epoch + 1,
                                                                         next_epoch):
-            if born > prev_epoch:
-                # Lived in [born, killer) with no remaining snapshot there: nobody sees it.
-                self.deadlist.remove(killer, self.tables[table_id], prefix)
-                self.tables[table_id].free_version(prefix, born)
+            table = self.tables[table_id]
+            # Lived in [born, killer) with no remaining snapshot there: nobody sees it.
+            # (An entry freed or moved earlier in this loop is skipped.)
+            if born > prev_epoch and self.deadlist.get(killer, table, prefix) == born:
+                table.free_version(prefix, born)
                 freed += 1
         log.debug("snapshot %s deleted: %d versions freed", record.name, freed)
         return freed

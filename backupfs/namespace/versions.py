@@ -132,35 +132,38 @@ class VersionedTable:
             self._release(value)
 
     def free_version(self, prefix: bytes, born: int) -> None:
-        """Remove a version no view can see any more, and a tombstone it leaves useless."""
-        txn = self.ns.store.txn
-        key = version_key(prefix, born)
-        value = txn.get(key, db=self.db)
-        if value is None:
-            return
-        self._release_value(value)
-        txn.delete(key, db=self.db)
-        self._drop_needless_tombstone(prefix)
+        """Remove a version no view can see any more, with its deadlist entry.
 
-    def _drop_needless_tombstone(self, prefix: bytes) -> None:
+        Keeps the deadlist invariant: a version that is not the newest has one entry,
+        keyed by the birth epoch of the next newer version (its killer).
+        """
+        versions = self.versions(prefix)
+        i = next((i for i, (b, _) in enumerate(versions) if b == born), None)
+        if i is None:
+            return
+        txn = self.ns.store.txn
+        deadlist = self.ns.deadlist
+        self._release_value(versions[i][1])
+        txn.delete(version_key(prefix, born), db=self.db)
+        if i > 0:
+            killer = versions[i - 1][0]
+            deadlist.remove(killer, self, prefix)
+            if i + 1 < len(versions):  # the older neighbour is now killed by our killer
+                deadlist.move(born, killer, self, prefix)
+        elif i + 1 < len(versions):
+            deadlist.remove(born, self, prefix)  # the older neighbour is now the newest
+        del versions[i]
+        self._drop_needless_tombstone(prefix, versions)
+
+    def _drop_needless_tombstone(self, prefix: bytes, versions: list[tuple[int, bytes]]) -> None:
         """A tombstone with no older version hides nothing: remove it (and its deadlist
         entry, if a newer version killed it)."""
-        versions = self.versions(prefix)
-        if not versions:
+        if not versions or versions[-1][1]:
             return
-        oldest_born, oldest = versions[-1]
-        if oldest:
-            return
+        oldest_born = versions[-1][0]
         self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)
         if len(versions) > 1:
-            killer = versions[-2][0]
-            self.ns.deadlist.remove(killer, self, prefix)
-
-    def delete_all_versions(self, prefix: bytes) -> None:
-        txn = self.ns.store.txn
-        for born, value in self.versions(prefix):
-            self._release_value(value)
-            txn.delete(version_key(prefix, born), db=self.db)
+            self.ns.deadlist.remove(versions[-2][0], self, prefix)
 
 
 class Deadlist:
@@ -179,6 +182,17 @@ class Deadlist:
 
     def remove(self, killer: int, table: VersionedTable, prefix: bytes) -> None:
         self.ns.store.txn.delete(self._key(killer, table, prefix), db=self.db)
+
+    def get(self, killer: int, table: VersionedTable, prefix: bytes) -> int | None:
+        v = self.ns.store.txn.get(self._key(killer, table, prefix), db=self.db)
+        return None if v is None else U64.unpack(v)[0]
+
+    def move(self, old_killer: int, new_killer: int, table: VersionedTable,
+             prefix: bytes) -> None:
+        born = self.get(old_killer, table, prefix)
+        if born is not None:
+            self.remove(old_killer, table, prefix)
+            self.add(new_killer, table, prefix, born)
 
     def killed_in(self, first: int, last: int) -> list[tuple[int, int, bytes, int]]:
         """(killer, table id, prefix, birth) of everything killed in epochs first..last."""

@@ -1,0 +1,152 @@
+"""A plain in-memory model of the namespace, and helpers that read a real namespace into
+the same shape, for comparing the two (tests/test_namespace_*.py)."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import stat
+from dataclasses import dataclass, field
+
+from backupfs.namespace import ROOT_INO
+from backupfs.namespace.records import MAX_EPOCH, split_version_key
+
+
+@dataclass
+class MInode:
+    ino: int
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    nlink: int = 1
+    atime_ns: int = 0
+    target: bytes = b""
+    blocks: dict[int, bytes] = field(default_factory=dict)
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class Model:
+    """The tree as dicts: directories map names to inode numbers."""
+
+    def __init__(self, root):
+        self.inodes: dict[int, MInode] = {ROOT_INO: MInode(
+            ROOT_INO, root.mode, root.uid, root.gid, root.size, root.nlink, root.atime_ns)}
+        self.dirs: dict[int, dict[bytes, int]] = {ROOT_INO: {}}
+
+    def copy(self) -> "Model":
+        return copy.deepcopy(self)
+
+    def is_dir(self, ino: int) -> bool:
+        return stat.S_ISDIR(self.inodes[ino].mode)
+
+    def reachable(self) -> dict[bytes, int]:
+        """path -> ino of everything below the root."""
+        out = {}
+
+        def walk(ino, path):
+            for name, child in sorted(self.dirs[ino].items()):
+                out[path + b"/" + name] = child
+                if self.is_dir(child):
+                    walk(child, path + b"/" + name)
+
+        walk(ROOT_INO, b"")
+        return out
+
+    def is_ancestor(self, a: int, ino: int) -> bool:
+        """Directory a is ino or above it."""
+        parents = {c: p for p, d in self.dirs.items() for c in d.values() if self.is_dir(c)}
+        while True:
+            if ino == a:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = parents[ino]
+
+    def describe(self, ino: int, block_size: int) -> tuple:
+        i = self.inodes[ino]
+        nblocks = -(-i.size // block_size)
+        return (i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.target,
+                tuple(sorted((n, h) for n, h in i.blocks.items() if n < nblocks)),
+                tuple(sorted(i.xattrs.items())))
+
+
+def describe_view(view, block_size: int) -> tuple[dict[bytes, int], dict[int, tuple]]:
+    """(path -> ino, ino -> description) of a namespace view, read through every query."""
+    paths: dict[bytes, int] = {}
+    described: dict[int, tuple] = {}
+
+    def describe(attr) -> tuple:
+        blocks = tuple(view.block_range(attr.ino))
+        nblocks = -(-attr.size // block_size)
+        # block_range and block_hash must agree, holes included.
+        assert tuple((n, view.block_hash(attr.ino, n)) for n in range(nblocks)
+                     if view.block_hash(attr.ino, n) is not None) == blocks
+        xattrs = tuple(sorted((n, view.getxattr(attr.ino, n)) for n in view.listxattr(attr.ino)))
+        target = view.readlink(attr.ino) if stat.S_ISLNK(attr.mode) else b""
+        return (attr.mode, attr.uid, attr.gid, attr.size, attr.nlink, attr.atime_ns, target,
+                blocks, xattrs)
+
+    def walk(ino: int, path: bytes) -> None:
+        for name, attr in view.readdir(ino):
+            assert view.lookup(ino, name) == attr
+            paths[path + b"/" + name] = attr.ino
+            described[attr.ino] = describe(attr)
+            if stat.S_ISDIR(attr.mode):
+                walk(attr.ino, path + b"/" + name)
+
+    described[ROOT_INO] = describe(view.getattr(ROOT_INO))
+    walk(ROOT_INO, b"")
+    return paths, described
+
+
+def assert_view_matches(view, model: Model, block_size: int) -> None:
+    paths, described = describe_view(view, block_size)
+    expect_paths = model.reachable()
+    assert paths == expect_paths
+    for ino in set(expect_paths.values()) | {ROOT_INO}:
+        assert described[ino] == model.describe(ino, block_size), f"inode {ino}"
+
+
+def check_versions_exact(ns) -> dict[bytes, int]:
+    """GC exactness, by walking the databases: every stored version is visible to the
+    live tree or a remaining snapshot, no tombstone lacks an older version to hide, the
+    deadlist holds exactly one entry per killed version keyed by its killer.
+    Returns the number of block-map versions referring to each block hash."""
+    epochs = sorted([r.epoch for r in ns.snapshots()] + [ns.epoch])
+    txn = ns.store.txn
+    expected_dead = {}
+    block_refs: dict[bytes, int] = {}
+    for table in ns.tables.values():
+        by_prefix: dict[bytes, list[tuple[int, bytes]]] = {}
+        for k, v in txn.cursor(db=table.db):
+            prefix, born = split_version_key(k)
+            by_prefix.setdefault(prefix, []).append((born, v))
+        for prefix, versions in by_prefix.items():
+            for i, (born, value) in enumerate(versions):
+                killer = versions[i - 1][0] if i else None
+                if killer is not None:
+                    assert killer > born
+                    expected_dead[(killer, table.table_id, prefix)] = born
+                visible = any(born <= e and (killer is None or e < killer) for e in epochs)
+                if not value:
+                    assert i + 1 < len(versions), f"{table.name}: needless tombstone {prefix!r}"
+                elif table is ns.blockmap:
+                    block_refs[value] = block_refs.get(value, 0) + 1
+                assert visible, f"{table.name}: version {prefix!r}@{born} is visible to nobody"
+    got_dead = {(killer, table_id, prefix): born
+                for killer, table_id, prefix, born in ns.deadlist.killed_in(0, MAX_EPOCH)}
+    assert got_dead == expected_dead
+    return block_refs
+
+
+def expect_errno(code: int | None, fn, *args, **kw):
+    """Call fn; it must raise OSError(code), or succeed when code is None."""
+    try:
+        result = fn(*args, **kw)
+    except OSError as e:
+        assert code is not None, f"unexpected {errno.errorcode.get(e.errno)}: {e}"
+        assert e.errno == code, f"expected {errno.errorcode[code]}, got {errno.errorcode.get(e.errno)}"
+        return None
+    assert code is None, f"expected {errno.errorcode[code]}, got success"
+    return result

@@ -1,0 +1,182 @@
+"""Deleting snapshots frees exactly what nobody sees any more (the deadlist rule), and
+readdir stays exact while a directory empties under it."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backupfs.namespace import ROOT_INO, Namespace
+from backupfs.store import Store
+from nsmodel import check_versions_exact
+
+BS = 4096
+FILES = [b"f0", b"f1", b"f2"]
+CONTENTS = [b"A", b"B" * 10, b"C" * 100, b"D" * BS]
+
+OPS = st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(FILES), st.integers(0, 2),
+              st.sampled_from(CONTENTS)),
+    st.tuples(st.just("hole"), st.sampled_from(FILES), st.integers(0, 2)),
+    st.tuples(st.just("truncate"), st.sampled_from(FILES), st.integers(0, 3 * BS)),
+    st.tuples(st.just("replace"), st.sampled_from(FILES)),   # unlink, reclaim, create anew
+    st.tuples(st.just("snapshot")),
+    st.tuples(st.just("snapshot")),
+    st.tuples(st.just("delete"), st.integers(0, 30)),
+    st.tuples(st.just("delete"), st.integers(0, 30)),
+    st.tuples(st.just("gc")),
+)
+
+
+def read_files(view) -> dict[bytes, tuple]:
+    out = {}
+    for name, attr in view.readdir(ROOT_INO):
+        out[name] = (attr.size, tuple(view.block_range(attr.ino)))
+    return out
+
+
+@contextmanager
+def fresh_namespace():
+    tmp = Path(tempfile.mkdtemp(prefix="nsgc-"))
+    Store.init(tmp / "s", block_size=BS)
+    store = Store.open(tmp / "s")
+    try:
+        yield Namespace(store)
+    finally:
+        store.close(commit=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ns():
+    with fresh_namespace() as ns:
+        yield ns
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=50))
+def test_deleting_snapshots_frees_exactly_the_invisible_versions(ops):
+    with fresh_namespace() as ns:
+        run_program(ns, ops)
+
+
+def run_program(ns, ops):
+    live, blocks = ns.live, ns.store.blocks
+    now = iter(range(10**9, 10**10))
+    inos = {n: live.create(ROOT_INO, n, stat.S_IFREG | 0o644, 0, 0, next(now)).ino
+            for n in FILES}
+    model = {n: (0, {}) for n in FILES}              # name -> (size, {block: hash})
+    snaps = []                                        # (record, frozen model)
+
+    def as_view(m):
+        return {n: (size, tuple(sorted(b.items()))) for n, (size, b) in m.items()}
+
+    for op in ops:
+        kind = op[0]
+        if kind == "write":
+            _, name, n, content = op
+            size, bmap = model[name]
+            h = blocks.put(content)
+            live.write_block(inos[name], n, h)
+            end = max(size, n * BS + len(content))
+            live.setattr(inos[name], size=end)
+            model[name] = (end, {**bmap, n: h})
+        elif kind == "hole":
+            _, name, n = op
+            live.write_block(inos[name], n, None)
+            size, bmap = model[name]
+            model[name] = (size, {k: v for k, v in bmap.items() if k != n})
+        elif kind == "truncate":
+            _, name, size = op
+            live.setattr(inos[name], size=size)
+            keep = -(-size // BS)
+            model[name] = (size, {k: v for k, v in model[name][1].items() if k < keep})
+        elif kind == "replace":
+            name = op[1]
+            assert live.unlink(ROOT_INO, name, next(now)).nlink == 0
+            ns.reclaim(inos[name])
+            inos[name] = live.create(ROOT_INO, name, stat.S_IFREG | 0o644, 0, 0, next(now)).ino
+            model[name] = (0, {})
+        elif kind == "snapshot":
+            snaps.append((ns.snapshot(now_ns=next(now)), as_view(model)))
+        elif kind == "delete" and snaps:
+            record, _ = snaps.pop(op[1] % len(snaps))
+            ns.delete_snapshot(record.id)
+        elif kind == "gc":
+            ns.collect_garbage(2)
+        # Nothing still visible was freed ...
+        assert read_files(live) == as_view(model)
+        for record, frozen in snaps:
+            assert read_files(ns.view(record.epoch)) == frozen
+        # ... and nothing invisible remains; refcounts equal the references.
+        refs = check_versions_exact(ns)
+        for loc in blocks.iter_locations():
+            assert loc.refcount == refs.get(loc.hash, 0)
+
+
+def test_second_snapshot_with_no_change_between_keeps_shared_versions(ns):
+    """A version born at the epoch of the previous snapshot is still that snapshot's."""
+    ino = ns.live.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, 0, 1).ino
+    ns.live.write_block(ino, 0, ns.store.blocks.put(b"old"))
+    ns.live.setattr(ino, size=3)
+    first = ns.snapshot(now_ns=2 * 10**9)
+    second = ns.snapshot(now_ns=3 * 10**9)
+    ns.live.write_block(ino, 0, ns.store.blocks.put(b"new"))
+    ns.delete_snapshot(second.id)
+    h = ns.view(first.epoch).block_hash(ino, 0)
+    assert ns.store.blocks.get(h) == b"old"
+    check_versions_exact(ns)
+
+
+def test_snapshot_is_one_small_write_whatever_the_tree_size(ns):
+    for i in range(2000):
+        ns.live.create(ROOT_INO, b"%d" % i, stat.S_IFREG | 0o644, 0, 0, i)
+    txn = ns.store.txn
+
+    def total_entries():
+        return sum(txn.stat(t.db)["entries"] for t in ns.tables.values()) + \
+            txn.stat(ns.deadlist.db)["entries"]
+
+    before = total_entries()
+    record = ns.snapshot()
+    assert total_entries() == before          # no record of the tree was copied
+    assert ns.epoch == record.epoch + 1
+    # Changing one file after the snapshot costs one new version, not a copy.
+    ns.live.setattr(ns.live.lookup(ROOT_INO, b"7").ino, mode=stat.S_IFREG | 0o600)
+    assert total_entries() == before + 2      # the new inode version + its deadlist entry
+
+
+def test_readdir_resumes_exactly_while_entries_are_removed(ns):
+    """Like `rm -rf`: list a batch, unlink it, resume after the last name seen."""
+    live = ns.live
+    d = live.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0, 1).ino
+    names = {b"entry-%05d" % i for i in range(10_000)}
+    for name in names:
+        live.create(d, name, stat.S_IFREG | 0o644, 0, 0, 2)
+    snap = ns.snapshot()
+    seen: list[bytes] = []
+    after = None
+    while True:
+        batch = []
+        for name, _ in live.readdir(d, after):
+            batch.append(name)
+            live.unlink(d, name, 3)        # removed while the listing goes on
+            if len(batch) == 97:
+                break
+        if not batch:
+            break
+        seen += batch
+        after = batch[-1]
+    assert len(seen) == len(set(seen)) == 10_000
+    assert set(seen) == names
+    assert live.is_empty_dir(d)
+    # The snapshot still lists all of them, in byte order.
+    listed = [n for n, _ in ns.view(snap.epoch).readdir(d)]
+    assert listed == sorted(names)
