@@ -44,6 +44,18 @@ def cpu_limiter() -> trio.CapacityLimiter:
     return _cpu_limiter
 
 
+async def _in_threads(work: Callable[[Sequence], None], items: Sequence) -> None:
+    """Run `work` on interleaved shares of `items`, one share per worker thread."""
+    limiter = cpu_limiter()
+    n = min(len(items), max(1, int(limiter.total_tokens)))
+    if n == 0:
+        return
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(partial(trio.to_thread.run_sync, work, items[i::n],
+                                       limiter=limiter))
+
+
 @dataclass(frozen=True, slots=True)
 class BlockLocation:
     hash: bytes
@@ -129,27 +141,24 @@ class BlockStore:
         Blocks already in the store are only counted again and never compressed: a
         nightly copy of an unchanged tree costs one hash per block.
         """
-        limiter = cpu_limiter()
-        hashes = await trio.to_thread.run_sync(
-            lambda: [codec.block_hash(b) for b in blocks], limiter=limiter
-        )
+        hashes: list[bytes] = [b""] * len(blocks)
+
+        def hash_share(indexes: range) -> None:
+            for i in indexes:
+                hashes[i] = codec.block_hash(blocks[i])
+
+        await _in_threads(hash_share, range(len(blocks)))
         new = {}
         for data, h in zip(blocks, hashes):
             if h not in new and self.refcount(h) == 0 and self._find_dead(h) is None:
                 new[h] = data
         encoded: dict[bytes, EncodedBlock] = {}
-        if new:
-            items = list(new.items())
 
-            def encode_share(share):
-                for h, d in share:
-                    encoded[h] = codec.encode(d, self.compression, h)
+        def encode_share(share: list[tuple[bytes, bytes]]) -> None:
+            for h, d in share:
+                encoded[h] = codec.encode(d, self.compression, h)
 
-            n = min(len(items), max(1, int(limiter.total_tokens)))
-            async with trio.open_nursery() as nursery:
-                for i in range(n):
-                    nursery.start_soon(partial(trio.to_thread.run_sync, encode_share,
-                                               items[i::n], limiter=limiter))
+        await _in_threads(encode_share, list(new.items()))
         for data, h in zip(blocks, hashes):
             e = encoded.pop(h, None)
             if e is not None:
