@@ -351,7 +351,9 @@ async def test_flipped_byte_is_never_returned(store_dir, where, kind):
             assert h.hex() in str(e) and f"pack {loc.pack_id}" in str(e)
         with pytest.raises(CorruptBlock):
             await s.blocks.get_async(h)
-        assert s.blocks.checksum_errors == 3
+        with pytest.raises(CorruptBlock):
+            await s.blocks.get_many([other, h])
+        assert s.blocks.checksum_errors == 4
         assert s.blocks.get(other) == b"a neighbour"
 
 
@@ -392,6 +394,8 @@ async def test_put_many_from_trio(opened):
     assert s.blocks.dead_bytes() == 0
     for h, b in zip(hashes, batch):
         assert await s.blocks.get_async(h) == b
+    assert await s.blocks.get_many(hashes) == batch
+    assert await s.blocks.get_many([]) == []
     s = opened.reopen()
     for h, b in zip(hashes, batch):
         assert s.blocks.get(h) == b

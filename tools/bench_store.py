@@ -12,8 +12,9 @@ line). It is generated in memory first, so no timing includes making it.
                 (hash, dedup lookup, zstd, pack append, fsync, LMDB commit)
   raw read      that file read back sequentially, cold (its pages dropped with fadvise)
   store get     every block read back verified (read, decompress, re-hash), cold: with
-                `get_async` from --readers trio tasks (worker threads, both cores), and
-                with plain `get` in one thread
+                `get_async` from --readers trio tasks (a worker thread hop per block), with
+                plain `get` in one thread, and with `get_many` in batches of --batch blocks
+                (one hop per share, both cores)
 
 Prints a table (MB/s and the ratio to the raw figure) and writes it as JSON on request.
 """
@@ -147,6 +148,14 @@ async def store_get_parallel(store: Store, hashes: list[bytes], readers: int) ->
     return time.perf_counter() - t, total
 
 
+async def store_get_batched(store: Store, hashes: list[bytes], batch: int) -> tuple[float, int]:
+    total = 0
+    t = time.perf_counter()
+    for i in range(0, len(hashes), batch):
+        total += sum(map(len, await store.blocks.get_many(hashes[i:i + batch])))
+    return time.perf_counter() - t, total
+
+
 def store_get_serial(store: Store, hashes: list[bytes]) -> tuple[float, int]:
     t = time.perf_counter()
     total = sum(len(store.blocks.get(h)) for h in hashes)
@@ -188,6 +197,9 @@ async def run(args) -> dict:
             drop_cache(pack_paths(store_dir))
             t_get1, n = store_get_serial(store, hashes)
             assert n == nbytes
+            drop_cache(pack_paths(store_dir))
+            t_getm, n = await store_get_batched(store, hashes, args.batch)
+            assert n == nbytes
         finally:
             store.close()
     finally:
@@ -204,6 +216,7 @@ async def run(args) -> dict:
         ("raw read (cold)", raw_r, raw_r),
         (f"store get_async x{args.readers} (verified, cold)", mbs(t_get), raw_r),
         ("store get, 1 thread (verified, cold)", mbs(t_get1), raw_r),
+        (f"store get_many x{args.batch} (verified, cold)", mbs(t_getm), raw_r),
     ]
     return {
         "bytes": nbytes,
