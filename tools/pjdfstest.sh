@@ -1,0 +1,71 @@
+#!/bin/sh
+# Run pjdfstest (the POSIX conformance suite, github.com/pjd/pjdfstest) against a fresh
+# backupfs mount. Needs root (pjdfstest switches uids) and a pjdfstest checkout; its
+# code is never part of this repository.
+#
+#   tools/pjdfstest.sh /path/to/pjdfstest [prove args...]
+#
+# Builds pjdfstest in its checkout if needed, creates a store in a temporary directory,
+# mounts it with -o allow_other, runs `prove -r` from inside the mount, unmounts and
+# prints prove's summary. The full prove output is kept in $WORK/prove.log
+# (WORK defaults to a new /tmp/backupfs-pjdfstest.XXXXXX; set KEEP=1 to keep it).
+set -eu
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 PJDFSTEST_CHECKOUT [prove args...]" >&2
+    exit 2
+fi
+PJD=$(cd "$1" && pwd)
+shift
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$HERE/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+if [ "$(id -u)" != 0 ]; then
+    echo "$0: pjdfstest must run as root" >&2
+    exit 2
+fi
+
+if [ ! -x "$PJD/pjdfstest" ]; then
+    echo "building pjdfstest in $PJD"
+    (cd "$PJD" && autoreconf -ifs >/dev/null && ./configure >/dev/null && make pjdfstest >/dev/null)
+fi
+
+WORK=${WORK:-$(mktemp -d /tmp/backupfs-pjdfstest.XXXXXX)}
+chmod 755 "$WORK"
+STORE=$WORK/store
+MNT=$WORK/mnt
+mkdir -p "$MNT"
+
+cleanup() {
+    cd /
+    if mountpoint -q "$MNT"; then
+        "$PY" -m backupfs umount "$MNT" || fusermount3 -u -z "$MNT" || true
+    fi
+    if [ "${KEEP:-0}" != 1 ]; then
+        rm -rf "$STORE" "$MNT"
+    fi
+}
+trap cleanup EXIT INT TERM
+
+(cd "$HERE" && "$PY" -m backupfs init "$STORE" >/dev/null)
+(cd "$HERE" && "$PY" -m backupfs mount -o allow_other --log-file "$WORK/daemon.log" "$STORE" "$MNT")
+
+cd "$MNT"
+set +e
+prove -r "$@" "$PJD/tests" > "$WORK/prove.log" 2>&1
+status=$?
+set -e
+cd /
+
+# prove's summary: the failures table and the Result line.
+sed -n '/^Test Summary Report/,$p' "$WORK/prove.log"
+if ! grep -q '^Test Summary Report' "$WORK/prove.log"; then
+    tail -n 3 "$WORK/prove.log"
+fi
+if grep -q Traceback "$WORK/daemon.log"; then
+    echo "the daemon logged a traceback: see $WORK/daemon.log"
+    status=1
+fi
+echo "full output: $WORK/prove.log, daemon log: $WORK/daemon.log"
+exit $status
