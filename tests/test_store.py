@@ -534,6 +534,7 @@ op = st.one_of(
     st.tuples(st.just("put_many"), st.lists(st.integers(0, len(POOL) - 1), max_size=4)),
     st.tuples(st.just("incref"), st.integers(0, len(POOL) - 1)),
     st.tuples(st.just("decref"), st.integers(0, len(POOL) - 1)),
+    st.tuples(st.just("decref"), st.integers(0, len(POOL) - 1)),  # twice: packs must die
     st.tuples(st.just("commit"), st.none()),
     st.tuples(st.just("compact"), st.sampled_from([0.0, 0.3, 0.6])),
     st.tuples(st.just("reopen"), st.booleans()),
@@ -555,11 +556,11 @@ def check_model(s: Store, model: dict[int, int]) -> None:
         assert s.pack_info(pack_id)[1] == dead.get(pack_id, 0), pack_id
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(op, max_size=40))
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, max_size=50))
 def test_random_operations_match_a_refcount_model(ops):
     d = Path(tempfile.mkdtemp(prefix="bkfs-prop-"))
-    rotate = 8 * KiB  # a few blocks per pack: rotation and compaction happen often
+    rotate = 16 * KiB  # a few blocks per pack: rotation and compaction happen often
     try:
         Store.init(d / "s")
         s = Store.open(d / "s", rotate_size=rotate)
