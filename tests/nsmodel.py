@@ -9,7 +9,7 @@ import stat
 from dataclasses import dataclass, field
 
 from backupfs.namespace import ROOT_INO
-from backupfs.namespace.records import MAX_EPOCH, split_version_key
+from backupfs.namespace.check import check_versions
 
 
 @dataclass
@@ -109,35 +109,11 @@ def assert_view_matches(view, model: Model, block_size: int) -> None:
 
 
 def check_versions_exact(ns) -> dict[bytes, int]:
-    """GC exactness, by walking the databases: every stored version is visible to the
-    live tree or a remaining snapshot, no tombstone lacks an older version to hide, the
-    deadlist holds exactly one entry per killed version keyed by its killer.
-    Returns the number of block-map versions referring to each block hash."""
-    epochs = sorted([r.epoch for r in ns.snapshots()] + [ns.epoch])
-    txn = ns.store.txn
-    expected_dead = {}
-    block_refs: dict[bytes, int] = {}
-    for table in ns.tables.values():
-        by_prefix: dict[bytes, list[tuple[int, bytes]]] = {}
-        for k, v in txn.cursor(db=table.db):
-            prefix, born = split_version_key(k)
-            by_prefix.setdefault(prefix, []).append((born, v))
-        for prefix, versions in by_prefix.items():
-            for i, (born, value) in enumerate(versions):
-                killer = versions[i - 1][0] if i else None
-                if killer is not None:
-                    assert killer > born
-                    expected_dead[(killer, table.table_id, prefix)] = born
-                visible = any(born <= e and (killer is None or e < killer) for e in epochs)
-                if not value:
-                    assert i + 1 < len(versions), f"{table.name}: needless tombstone {prefix!r}"
-                elif table is ns.blockmap:
-                    block_refs[value] = block_refs.get(value, 0) + 1
-                assert visible, f"{table.name}: version {prefix!r}@{born} is visible to nobody"
-    got_dead = {(killer, table_id, prefix): born
-                for killer, table_id, prefix, born in ns.deadlist.killed_in(0, MAX_EPOCH)}
-    assert got_dead == expected_dead
-    return block_refs
+    """GC exactness: no stored version is invisible, no tombstone needless, the deadlist
+    exact (see backupfs.namespace.check). Returns block hash -> references held."""
+    report = check_versions(ns)
+    assert not report.issues, "\n".join(map(str, report.issues))
+    return report.block_refs
 
 
 def expect_errno(code: int | None, fn, *args, **kw):

@@ -1,4 +1,4 @@
-"""snapshot, list, delete, hold, release, prune, stats: talk to the daemon over the control socket."""
+"""snapshot, list, delete, hold, release, prune: talk to the daemon over the control socket."""
 
 from __future__ import annotations
 
@@ -104,18 +104,3 @@ def prune_cmd(target, keep_last, keep_hourly, keep_daily, keep_weekly, keep_mont
             click.echo(f"keep   {d['name']}  ({', '.join(d['reasons'])})")
         else:
             click.echo(f"{verb} {d['name']}")
-
-
-@main.command("stats")
-@TARGET
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats_cmd(target, as_json):
-    """Space used by a mounted store: live blocks, and dead space awaiting compaction."""
-    st = _client(target).call("stats")
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-        return
-    click.echo(f"snapshots     {st['snapshots']}")
-    click.echo(f"stored bytes  {st['stored_bytes']}")
-    click.echo(f"dead bytes    {st['dead_bytes']}  (freed; compaction returns it to the disk)")
-    click.echo(f"pack bytes    {st['pack_bytes']}")

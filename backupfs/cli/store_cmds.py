@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..namespace import Namespace
 from ..store import Store, parse_size
 from ..store.config import DEFAULT_COMPRESSION
 from . import main
@@ -18,5 +19,7 @@ from . import main
 def init_cmd(store: str, block_size: str, compression: str) -> None:
     """Create a new, empty store in STORE (a new or empty directory)."""
     config = Store.init(store, block_size=parse_size(block_size), compression=compression)
+    with Store.open(store) as s:
+        Namespace(s)  # the root directory and the namespace's databases
     click.echo(f"initialised backupfs store {store} "
                f"(block size {config.block_size // 1024} KiB, compression {config.compression})")

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import pyfuse3
@@ -24,6 +25,7 @@ from ..namespace import Namespace, SnapshotHeld
 from ..snapshots.retention import KeepPolicy, decide
 from ..snapshots.schedule import Schedule
 from ..store import Store
+from ..store.blockstore import CompactResult
 from .control import ControlServer, snapshot_dict
 from .mountinfo import SOURCE_PREFIX, find_mount
 
@@ -207,9 +209,28 @@ class Daemon:
         pack_bytes = sum(store.pack_info(p)[0] for p in store.committed_pack_lengths())
         dead = store.blocks.dead_bytes()
         return {"snapshots": len(self.ops.visible_snapshots()), "pack_bytes": pack_bytes,
-                "dead_bytes": dead, "stored_bytes": pack_bytes - dead}
+                "dead_bytes": dead, "stored_bytes": pack_bytes - dead,
+                "checksum_errors": store.blocks.checksum_errors}
+
+    async def control_compact(self, threshold: float = 0.5) -> dict:
+        """Rewrite mostly-dead packs one at a time, serving requests in between."""
+        store = self.ops.store
+        await self.ops.flush_everything()
+        result = CompactResult()
+        for pack_id in store.blocks.compact_candidates(float(threshold)):
+            async with self.ops.txg.exclusive():  # its own commit, not mixed into a group
+                store.blocks.compact_pack(pack_id, result)
+            await trio.sleep(0)
+        log.info("compacted %d packs, %d bytes freed", result.packs_rewritten,
+                 result.bytes_freed)
+        return {**asdict(result), "corrupt": [str(e) for e in result.corrupt or []]}
 
     async def control_flush(self) -> dict:
+        """Make the committed state current: written data, and the space of deleted
+        files released (what fsck, verify and stats read)."""
         await trio.to_thread.run_sync(_syncfs, self.mountpoint)
         await self.ops.flush_everything()
+        while self.ops.ns.collect_garbage(GC_BUDGET):
+            await self.ops.txg.commit()
+        await self.ops.txg.commit()
         return {"commits": self.ops.txg.commits}

@@ -20,6 +20,10 @@ class TransactionGroups:
         self._lock = trio.Lock()
         self.commits = 0
 
+    def exclusive(self) -> trio.Lock:
+        """Held while something else commits the store itself (compaction)."""
+        return self._lock
+
     async def commit(self) -> None:
         async with self._lock:
             plan = self.store.packs.plan_sync()

@@ -29,6 +29,9 @@ from .packs import DEFAULT_ROTATE_SIZE, PackSet
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lock"
+# Present while a writer has the store open; found at open, it means the last writer
+# stopped without closing (crash, kill -9, power loss).
+WRITER_MARK = "writer.pid"
 PACKS_DIR = "packs"
 
 # packs db: pack id (u32) -> committed length (u64), dead bytes (u64)
@@ -61,6 +64,14 @@ class Store:
         self.readonly = readonly
         self._lock_fd = lock_fd
         self._dbs: dict[str, object] = {}
+        self.unclean_shutdown = False
+        if not readonly:
+            mark = path / WRITER_MARK
+            self.unclean_shutdown = mark.exists()
+            if self.unclean_shutdown:
+                log.warning("%s: the last writer did not close the store (crash or kill); "
+                            "recovering", path)
+            mark.write_text(f"{os.getpid()}\n")
         self.packs = PackSet(path / PACKS_DIR, rotate_size=rotate_size, readonly=readonly)
         self.txn: lmdb.Transaction = env.begin(write=not readonly)
         self.packs_db = self.open_db("packs")
@@ -217,6 +228,8 @@ class Store:
         self.packs.close()
         self.env.close()
         if self._lock_fd is not None:
+            if commit:  # closed cleanly: the next writer has nothing to recover
+                (self.path / WRITER_MARK).unlink(missing_ok=True)
             os.close(self._lock_fd)
             self._lock_fd = None
 
