@@ -222,21 +222,42 @@ class BlockStore:
 
     def read_verified(self, loc: BlockLocation) -> bytes:
         """Read and verify one block at a known location. Thread-safe (no LMDB access)."""
-        record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
         try:
-            return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
+            return self._read_checked(loc)
         except CorruptBlock as e:
-            self.checksum_errors += 1
-            log.error("%s (pack file %s)", e, self.packs.path(loc.pack_id))
+            self._report(e)
             raise
+
+    def _read_checked(self, loc: BlockLocation) -> bytes:
+        record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
+        return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
+
+    def _report(self, e: CorruptBlock) -> None:
+        self.checksum_errors += 1
+        log.error("%s (pack file %s)", e, self.packs.path(e.pack_id))
+
+    def _reread_if_moved(self, loc: BlockLocation, e: CorruptBlock) -> bytes:
+        """After a failed read in a worker thread (main thread): compaction may have
+        moved the block and deleted its pack meanwhile. Read it where it is now; if it
+        has not moved, the damage is real."""
+        now = self.locate(loc.hash)
+        if (now.pack_id, now.offset) == (loc.pack_id, loc.offset):
+            self._report(e)
+            raise e
+        return self.read_verified(now)
 
     def get(self, h: bytes) -> bytes:
         """The verified plaintext of a block; CorruptBlock rather than wrong bytes."""
         return self.read_verified(self.locate(h))
 
     async def get_async(self, h: bytes) -> bytes:
+        """`get` with the reading and checking in a worker thread."""
         loc = self.locate(h)
-        return await trio.to_thread.run_sync(self.read_verified, loc, limiter=cpu_limiter())
+        try:
+            return await trio.to_thread.run_sync(self._read_checked, loc,
+                                                 limiter=cpu_limiter())
+        except CorruptBlock as e:
+            return self._reread_if_moved(loc, e)
 
     async def get_many(self, hashes: Sequence[bytes]) -> list[bytes]:
         """Verified plaintexts of many blocks, read in worker threads a share at a time:
@@ -244,12 +265,18 @@ class BlockStore:
         verifying a 128 KiB block). Raises the first CorruptBlock met, never bad bytes."""
         locs = [self.locate(h) for h in hashes]
         out: list[bytes] = [b""] * len(locs)
+        failed: dict[int, CorruptBlock] = {}
 
         def read_share(indexes: range) -> None:
             for i in indexes:
-                out[i] = self.read_verified(locs[i])
+                try:
+                    out[i] = self._read_checked(locs[i])
+                except CorruptBlock as e:
+                    failed[i] = e
 
         await _in_threads(read_share, range(len(locs)))
+        for i, e in sorted(failed.items()):
+            out[i] = self._reread_if_moved(locs[i], e)
         return out
 
     # -- dead space ------------------------------------------------------------------

@@ -66,6 +66,11 @@ class PackSet:
         self.readonly = readonly
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
+        # Read descriptors in use by a pread in some thread, and those to close when the
+        # last such read ends (their pack was removed meanwhile): never close a descriptor
+        # under a reader, whose pread would then fail or read whatever file reuses it.
+        self._reads_in_flight: dict[int, int] = {}
+        self._close_when_idle: set[int] = set()
         self._write_id: int | None = None
         self._write_fd: int | None = None
         self._write_len = 0
@@ -242,8 +247,8 @@ class PackSet:
             self._close_write_fd()
         with self._read_lock:
             fd = self._read_fds.pop(pack_id, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                self._close_read_fd(fd)
         self._lengths.pop(pack_id, None)
         self._dirty.discard(pack_id)
         try:
@@ -255,24 +260,41 @@ class PackSet:
     # -- reading --------------------------------------------------------------------
 
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
-        """Read bytes from a pack. Thread-safe; may return fewer bytes at the end of a file."""
-        fd = self._read_fds.get(pack_id)
-        if fd is None:
+        """Read bytes from a pack. Thread-safe; may return fewer bytes at the end of a file,
+        and none if the pack is gone (compacted away since its location was looked up)."""
+        with self._read_lock:
+            fd = self._read_fds.get(pack_id)
+            if fd is None:
+                try:
+                    fd = os.open(self.path(pack_id), os.O_RDONLY)
+                except FileNotFoundError:
+                    return b""
+                self._read_fds[pack_id] = fd
+            self._reads_in_flight[fd] = self._reads_in_flight.get(fd, 0) + 1
+        try:
+            return os.pread(fd, length, offset)
+        finally:
             with self._read_lock:
-                fd = self._read_fds.get(pack_id)
-                if fd is None:
-                    try:
-                        fd = os.open(self.path(pack_id), os.O_RDONLY)
-                    except FileNotFoundError:
-                        return b""
-                    self._read_fds[pack_id] = fd
-        return os.pread(fd, length, offset)
+                left = self._reads_in_flight.pop(fd) - 1
+                if left:
+                    self._reads_in_flight[fd] = left
+                elif fd in self._close_when_idle:
+                    self._close_when_idle.discard(fd)
+                    os.close(fd)
+
+    def _close_read_fd(self, fd: int) -> None:
+        """Close a read descriptor now or, if a read is using it, when that read ends.
+        Call with `_read_lock` held."""
+        if self._reads_in_flight.get(fd):
+            self._close_when_idle.add(fd)
+        else:
+            os.close(fd)
 
     def forget_read_handles(self) -> None:
         with self._read_lock:
             fds, self._read_fds = self._read_fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            for fd in fds.values():
+                self._close_read_fd(fd)
 
     def close(self) -> None:
         self._close_write_fd()
