@@ -357,6 +357,16 @@ async def test_flipped_byte_is_never_returned(store_dir, where, kind):
         assert s.blocks.get(other) == b"a neighbour"
 
 
+def test_missing_pack_file_is_a_corrupt_block(store_dir):
+    with Store.open(store_dir) as s:
+        h = s.blocks.put(b"lost with its pack")
+    pack_files(store_dir)[1].unlink()
+    with Store.open(store_dir) as s:
+        with pytest.raises(CorruptBlock, match="pack file is missing") as ei:
+            s.blocks.get(h)
+        assert (ei.value.pack_id, ei.value.offset) == (1, PACK_HEADER_LEN)
+
+
 def test_corrupt_live_block_is_not_spread_by_compaction(store_dir):
     rng = random.Random(10)
     with Store.open(store_dir, rotate_size=600 * KiB) as s:

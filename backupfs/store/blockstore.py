@@ -230,6 +230,8 @@ class BlockStore:
 
     def _read_checked(self, loc: BlockLocation) -> bytes:
         record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
+        if not record and not self.packs.path(loc.pack_id).exists():
+            raise CorruptBlock(loc.hash, loc.pack_id, loc.offset, "pack file is missing")
         return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
 
     def _report(self, e: CorruptBlock) -> None:
