@@ -221,3 +221,30 @@ def compact_cmd(target, threshold, as_json):
                    f"{result['blocks_dropped']} dead blocks dropped)")
         for c in result.get("corrupt") or []:
             click.echo(f"left in place, corrupt: {c}")
+
+
+# -- diff --------------------------------------------------------------------------------
+
+@main.command("diff")
+@TARGET
+@click.argument("old")
+@click.argument("new", required=False)
+@JSON
+def diff_cmd(target, old, new, as_json):
+    """What changed from snapshot OLD to snapshot NEW (default: the live tree):
+    + added, - removed, M modified, R renamed (as `zfs diff`)."""
+    from ..admin.diff import diff
+
+    with reading(target) as (store, ns):
+        a = ns.find_snapshot(old)
+        b = ns.find_snapshot(new) if new else None
+        if b is not None and b.epoch < a.epoch:
+            a, b = b, a
+        changes = diff(ns, a.epoch, b.epoch if b else None)
+    if as_json:
+        _echo_json([{"kind": c.kind, "path": c.path.decode(errors="surrogateescape"),
+                     "new_path": c.new_path.decode(errors="surrogateescape") or None,
+                     "dir": c.is_dir} for c in changes])
+        return
+    for c in changes:
+        click.echo(str(c))

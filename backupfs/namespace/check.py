@@ -17,7 +17,7 @@ from .records import MAX_EPOCH, split_version_key
 
 @dataclass(frozen=True)
 class VersionIssue:
-    kind: str      # leaked-version | needless-tombstone | deadlist-missing | deadlist-extra
+    kind: str      # leaked-version, needless-tombstone, deadlist-/births- missing/extra
     table: str
     prefix: bytes
     born: int
@@ -29,6 +29,8 @@ class VersionIssue:
                 "needless-tombstone": f"{where}: tombstone with nothing to hide",
                 "deadlist-missing": f"{where}: no deadlist entry for its killer {self.killer}",
                 "deadlist-extra": f"deadlist entry {self.killer}/{where}: no such killed version",
+                "births-missing": f"{where}: missing from the births index",
+                "births-extra": f"births entry for {where}: no such version",
                 }[self.kind]
 
 
@@ -44,6 +46,7 @@ def check_versions(ns, progress=None) -> VersionReport:
     txn = ns.store.txn
     report = VersionReport()
     expected_dead: dict[tuple[int, int, bytes], int] = {}
+    stored: set[tuple[int, bytes, int]] = set()   # (table id, prefix, birth) of every version
 
     def visible(born: int, killer: int | None) -> bool:
         i = bisect.bisect_left(epochs, born)
@@ -70,6 +73,7 @@ def check_versions(ns, progress=None) -> VersionReport:
                     finish(table, prefix, versions)
                 prefix, versions = p, []
             versions.append((born, v))
+            stored.add((table.table_id, p, born))
             report.versions += 1
             if progress and report.versions % 10000 == 0:
                 progress(10000)
@@ -85,4 +89,12 @@ def check_versions(ns, progress=None) -> VersionReport:
     for (killer, table_id, prefix), born in expected_dead.items():
         report.issues.append(VersionIssue("deadlist-missing", names[table_id], prefix, born,
                                           killer))
+    for born, table_id, prefix, _ in ns.births.between(0, MAX_EPOCH):
+        if (table_id, prefix, born) not in stored:
+            report.issues.append(VersionIssue("births-extra", names.get(table_id, "?"),
+                                              prefix, born))
+        else:
+            stored.discard((table_id, prefix, born))
+    for table_id, prefix, born in stored:
+        report.issues.append(VersionIssue("births-missing", names[table_id], prefix, born))
     return report

@@ -90,7 +90,7 @@ class LiveView(NamespaceView):
         target = target or b""
         attr = Attr(self.ns.allocate_ino(), mode, uid, gid, size=len(target),
                     nlink=2 if is_dir else 1, rdev=rdev, atime_ns=now_ns, mtime_ns=now_ns,
-                    ctime_ns=now_ns, parent=parent if is_dir else 0, target=target)
+                    ctime_ns=now_ns, parent=parent, target=target)
         self._put(attr)
         self._set_entry(parent, name, attr.ino)
         self._touch_dir(pattr, now_ns, 1 if is_dir else 0)
@@ -171,10 +171,9 @@ class LiveView(NamespaceView):
                 raise fail(errno.ENOTEMPTY, repr(new_name))
         self._set_entry(old_parent, old_name, None)
         self._set_entry(new_parent, new_name, src.ino)
-        moved = src.changed(ctime_ns=now_ns)
+        moved = src.changed(ctime_ns=now_ns, parent=new_parent)
         subdirs_delta_new = 0
         if src_is_dir and old_parent != new_parent:
-            moved = moved.changed(parent=new_parent)
             self._touch_dir(self.getattr(old_parent), now_ns, -1)
             subdirs_delta_new += 1
         elif old_parent != new_parent:
@@ -199,9 +198,8 @@ class LiveView(NamespaceView):
         self._set_entry(old_parent, old_name, b.ino)
         self._set_entry(new_parent, new_name, a.ino)
         delta = int(a_dir) - int(b_dir)  # subdirectories moving from old to new parent
+        a, b = a.changed(parent=new_parent), b.changed(parent=old_parent)
         if old_parent != new_parent:
-            a = a.changed(parent=new_parent) if a_dir else a
-            b = b.changed(parent=old_parent) if b_dir else b
             self._touch_dir(self.getattr(old_parent), now_ns, -delta)
             self._touch_dir(self.getattr(new_parent), now_ns, delta)
         else:

@@ -19,7 +19,8 @@ from ..store import Store
 from .catalog import Catalog, SnapshotHeld, SnapshotRecord
 from .live import LiveView
 from .records import ROOT_INO, U64, Attr, pack_inode
-from .versions import Deadlist, VersionedTable
+from .epoch_index import Births, Deadlist
+from .versions import VersionedTable
 from .view import NamespaceView
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Namespace:
         self.tables = {t.table_id: t for t in (self.inodes, self.entries, self.blockmap,
                                                self.xattrs)}
         self.deadlist = Deadlist(self)
+        self.births = Births(self)
         self.orphan_set = InodeSet(store, "orphans")       # nlink 0, maybe still open
         self.reclaim_queue = InodeSet(store, "reclaim")    # ino -> epoch it died in
         self.catalog = Catalog(store)

@@ -18,7 +18,8 @@ ROOT_INO = 1
 TOMBSTONE = b""
 
 # inode value: mode, uid, gid, size, nlink, rdev, atime, mtime, ctime (ns), stored blocks,
-# parent (directories only: for the rename-into-own-subtree check); a symlink's target follows.
+# parent (the directory it was last created, linked or renamed into: the rename-into-own-
+# subtree check walks it up, diff finds paths with it); a symlink's target follows.
 _INODE = struct.Struct(">IIIQIQqqqQQ")
 
 

@@ -15,16 +15,13 @@ file leaves nothing behind once no snapshot needs it.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .records import MAX_EPOCH, TOMBSTONE, U64, split_version_key, version_key
+from .records import TOMBSTONE, split_version_key, version_key
 
 if TYPE_CHECKING:
     from .namespace import Namespace
 
-# deadlist key: killing epoch, table id, prefix -> birth epoch of the killed version
-_DEAD_HEAD = struct.Struct(">QB")
 
 
 def after_all_versions(prefix: bytes) -> bytes:
@@ -113,18 +110,21 @@ class VersionedTable:
         if not newer:
             if value is not None:
                 txn.put(version_key(prefix, at), new_value, db=self.db)
+                ns.births.add(at, self, prefix)
             return
         born, old = newer[0]
         if born == at or not ns.seen_by_snapshot(born, at):
             self._release_value(old)
             if value is None and len(newer) == 1:
                 txn.delete(version_key(prefix, born), db=self.db)
+                ns.births.remove(born, self, prefix)
             else:
                 txn.put(version_key(prefix, born), new_value, db=self.db)
             return
         if value is None and not old:
             return  # already absent
         txn.put(version_key(prefix, at), new_value, db=self.db)
+        ns.births.add(at, self, prefix)
         ns.deadlist.add(at, self, prefix, born)
 
     def _release_value(self, value: bytes) -> None:
@@ -145,6 +145,7 @@ class VersionedTable:
         deadlist = self.ns.deadlist
         self._release_value(versions[i][1])
         txn.delete(version_key(prefix, born), db=self.db)
+        self.ns.births.remove(born, self, prefix)
         if i > 0:
             killer = versions[i - 1][0]
             deadlist.remove(killer, self, prefix)
@@ -162,53 +163,6 @@ class VersionedTable:
             return
         oldest_born = versions[-1][0]
         self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)
+        self.ns.births.remove(oldest_born, self, prefix)
         if len(versions) > 1:
             self.ns.deadlist.remove(versions[-2][0], self, prefix)
-
-
-class Deadlist:
-    """Versions killed in an epoch that some snapshot still sees: (killer, table, key) -> birth."""
-
-    def __init__(self, ns: "Namespace"):
-        self.ns = ns
-        self.db = ns.store.open_db("deadlist")
-
-    @staticmethod
-    def _key(killer: int, table: VersionedTable, prefix: bytes) -> bytes:
-        return _DEAD_HEAD.pack(killer, table.table_id) + prefix
-
-    def add(self, killer: int, table: VersionedTable, prefix: bytes, born: int) -> None:
-        self.ns.store.txn.put(self._key(killer, table, prefix), U64.pack(born), db=self.db)
-
-    def remove(self, killer: int, table: VersionedTable, prefix: bytes) -> None:
-        self.ns.store.txn.delete(self._key(killer, table, prefix), db=self.db)
-
-    def get(self, killer: int, table: VersionedTable, prefix: bytes) -> int | None:
-        v = self.ns.store.txn.get(self._key(killer, table, prefix), db=self.db)
-        return None if v is None else U64.unpack(v)[0]
-
-    def move(self, old_killer: int, new_killer: int, table: VersionedTable,
-             prefix: bytes) -> None:
-        born = self.get(old_killer, table, prefix)
-        if born is not None:
-            self.remove(old_killer, table, prefix)
-            self.add(new_killer, table, prefix, born)
-
-    def killed_in(self, first: int, last: int) -> list[tuple[int, int, bytes, int]]:
-        """(killer, table id, prefix, birth) of everything killed in epochs first..last."""
-        out = []
-        c = self.ns.store.txn.cursor(db=self.db)
-        if not c.set_range(_DEAD_HEAD.pack(first, 0)):
-            return out
-        for k, v in c:
-            killer, table_id = _DEAD_HEAD.unpack_from(k)
-            if killer > last:
-                break
-            out.append((killer, table_id, bytes(k[_DEAD_HEAD.size:]), U64.unpack(v)[0]))
-        return out
-
-    def __len__(self) -> int:
-        return self.ns.store.txn.stat(self.db)["entries"]
-
-
-__all__ = ["VersionedTable", "Deadlist", "MAX_EPOCH"]

@@ -1,0 +1,88 @@
+"""Indexes of versions by epoch: the deadlist (versions killed in an epoch) and the
+births (versions born in an epoch). Keys are (epoch, table id, prefix), so a range of
+epochs is one cursor walk: what deleting a snapshot must look at, and what changed
+between two snapshots (`diff`), cost what changed, not the size of the tree.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from .records import U64
+
+if TYPE_CHECKING:
+    from .namespace import Namespace
+    from .versions import VersionedTable
+
+_HEAD = struct.Struct(">QB")
+
+
+class EpochIndex:
+    def __init__(self, ns: "Namespace", name: str):
+        self.ns = ns
+        self.db = ns.store.open_db(name)
+
+    @staticmethod
+    def _key(epoch: int, table: "VersionedTable", prefix: bytes) -> bytes:
+        return _HEAD.pack(epoch, table.table_id) + prefix
+
+    def _put(self, epoch: int, table, prefix: bytes, value: bytes) -> None:
+        self.ns.store.txn.put(self._key(epoch, table, prefix), value, db=self.db)
+
+    def remove(self, epoch: int, table: "VersionedTable", prefix: bytes) -> None:
+        self.ns.store.txn.delete(self._key(epoch, table, prefix), db=self.db)
+
+    def _get(self, epoch: int, table, prefix: bytes) -> bytes | None:
+        return self.ns.store.txn.get(self._key(epoch, table, prefix), db=self.db)
+
+    def between(self, first: int, last: int) -> list[tuple[int, int, bytes, bytes]]:
+        """(epoch, table id, prefix, value) of every entry of epochs first..last."""
+        out = []
+        c = self.ns.store.txn.cursor(db=self.db)
+        if not c.set_range(_HEAD.pack(first, 0)):
+            return out
+        for k, v in c:
+            epoch, table_id = _HEAD.unpack_from(k)
+            if epoch > last:
+                break
+            out.append((epoch, table_id, bytes(k[_HEAD.size:]), v))
+        return out
+
+    def __len__(self) -> int:
+        return self.ns.store.txn.stat(self.db)["entries"]
+
+
+class Deadlist(EpochIndex):
+    """Versions killed in an epoch that some snapshot still sees:
+    (killer epoch, table, prefix) -> birth epoch of the killed version."""
+
+    def __init__(self, ns: "Namespace"):
+        super().__init__(ns, "deadlist")
+
+    def add(self, killer: int, table, prefix: bytes, born: int) -> None:
+        self._put(killer, table, prefix, U64.pack(born))
+
+    def get(self, killer: int, table, prefix: bytes) -> int | None:
+        v = self._get(killer, table, prefix)
+        return None if v is None else U64.unpack(v)[0]
+
+    def move(self, old_killer: int, new_killer: int, table, prefix: bytes) -> None:
+        born = self.get(old_killer, table, prefix)
+        if born is not None:
+            self.remove(old_killer, table, prefix)
+            self.add(new_killer, table, prefix, born)
+
+    def killed_in(self, first: int, last: int) -> list[tuple[int, int, bytes, int]]:
+        """(killer, table id, prefix, birth) of everything killed in epochs first..last."""
+        return [(e, t, p, U64.unpack(v)[0]) for e, t, p, v in self.between(first, last)]
+
+
+class Births(EpochIndex):
+    """Every stored version by the epoch it was born in: (epoch, table, prefix) -> b""."""
+
+    def __init__(self, ns: "Namespace"):
+        super().__init__(ns, "births")
+
+    def add(self, born: int, table, prefix: bytes) -> None:
+        self._put(born, table, prefix, b"")
