@@ -48,7 +48,7 @@ async def test_write_read_across_block_boundaries(fs):
     data = os.urandom(3 * BS + 123)
     assert await fs.write(fh, 0, data) == len(data)
     assert await fs.read(fh, 0, len(data) + 100) == data          # buffered
-    await fs.flush(fh)
+    await fs.fsync(fh, False)        # seals the dirty blocks
     assert await fs.read(fh, BS - 10, 20) == data[BS - 10:BS + 10]  # sealed, from the store
     assert (await fs.getattr(ino)).st_size == len(data)
     # A partial overwrite inside a stored block is a read-modify-write.
@@ -64,7 +64,7 @@ async def test_sparse_file_reads_zeros_and_stores_no_holes(fs):
     far = 1 << 40
     await fs.write(fh, far, b"end")
     await fs.write(fh, 0, bytes(BS))          # an all-zero block is a hole too
-    await fs.flush(fh)
+    await fs.fsync(fh, False)        # seals the dirty blocks
     attr = await fs.getattr(ino)
     assert attr.st_size == far + 3
     assert attr.st_blocks <= 2 * BS // 512
@@ -75,7 +75,7 @@ async def test_sparse_file_reads_zeros_and_stores_no_holes(fs):
 async def test_truncate_to_partial_block_then_grow_reads_zeros(fs):
     fh, ino = await new_file(fs)
     await fs.write(fh, 0, b"a" * (2 * BS))
-    await fs.flush(fh)
+    await fs.fsync(fh, False)        # seals the dirty blocks
     e = pyfuse3.EntryAttributes()
     e.st_size = 100
     await fs.setattr(ino, e, fields(update_size=True), fh, CTX)

@@ -154,38 +154,59 @@ class FileContents:
         return len(data)
 
     async def seal(self, ino: int, blocknos) -> None:
-        """Store the given dirty blocks and enter them in the block map."""
-        bufs = self.buffers.get(ino)
-        if bufs is None:
-            return
+        """Store the given dirty blocks of one inode and enter them in the block map."""
+        await self.seal_many([(ino, n) for n in blocknos])
+
+    async def seal_many(self, wanted) -> None:
+        """Store the given (ino, block no) dirty blocks, of any number of inodes, in one
+        batch (one round of worker threads for all of them), and enter them in the
+        block map."""
         items = []
-        for n in sorted(blocknos):
-            buf = bufs.dirty.pop(n, None)
+        for ino, n in sorted(wanted):
+            bufs = self.buffers.get(ino)
+            buf = None if bufs is None else bufs.dirty.pop(n, None)
             if buf is None:
                 continue
             self.dirty_bytes -= self.block_size
             data = bytes(buf)
             bufs.sealing[n] = data
             bufs.changes += 1
-            items.append((n, data))
+            items.append((bufs, n, data))
         if not items:
             return
         # All-zero blocks become holes: nothing stored, nothing to read back.
-        to_store = [d for _, d in items if d.count(0) != len(d)]
-        hashes = iter(await self.store.blocks.put_many(to_store) if to_store else [])
+        to_store = [d for _, _, d in items if d.count(0) != len(d)]
         try:
-            size = self.ns.live.getattr(ino).size
-        except OSError:
-            size = -1  # reclaimed meanwhile: drop everything
-        for n, data in items:
+            hashes = iter(await self.store.blocks.put_many(to_store) if to_store else [])
+        except BaseException:
+            # Not stored (say ENOSPC): the bytes go back to being dirty, never lost.
+            for bufs, n, data in items:
+                if bufs.sealing.get(n) is data:
+                    del bufs.sealing[n]
+                    if n not in bufs.dirty:
+                        bufs.dirty[n] = bytearray(data)
+                        self.dirty_bytes += self.block_size
+                    bufs.changes += 1
+            raise
+        sizes: dict[int, int] = {}
+        for bufs, n, data in items:
             h = next(hashes) if data.count(0) != len(data) else None
-            if bufs.sealing.get(n) is data and n * self.block_size < size:
-                self.ns.live.write_block(ino, n, h)
-                del bufs.sealing[n]
-                bufs.changes += 1
+            size = sizes.get(bufs.ino)
+            if size is None:
+                try:
+                    size = self.ns.live.getattr(bufs.ino).size
+                except OSError:
+                    size = -1  # reclaimed meanwhile: drop everything
+                sizes[bufs.ino] = size
+            current = bufs.sealing.get(n) is data
+            if current and n * self.block_size < size:
+                self.ns.live.write_block(bufs.ino, n, h)
             elif h is not None:
                 # Superseded by a later write or cut off by a truncate while we sealed.
                 self.store.blocks.decref(h)
+            if current:
+                del bufs.sealing[n]
+                bufs.changes += 1
 
     async def truncate(self, ino: int, new_size: int) -> None:
         """Drop buffered bytes past `new_size`, and make sure the block that now holds
@@ -223,6 +244,11 @@ class FileContents:
             bufs = self.buffers.get(ino)
 
     async def flush_all(self) -> None:
+        """Seal every dirty block of every inode, in one batch, and wait for seals
+        already under way."""
+        wanted = [(ino, n) for ino, bufs in self.buffers.items() for n in bufs.dirty]
+        if wanted:
+            await self.seal_many(wanted)
         for ino in list(self.buffers):
             await self.flush(ino)
 

@@ -98,8 +98,10 @@ class BackupFS(pyfuse3.Operations):
         self.store = store
         self.ns = namespace
         self.live = namespace.live
-        self.txg = txg or TransactionGroups(store)
         self.data = FileContents(store, namespace)
+        self.txg = txg or TransactionGroups(store)
+        if self.txg.seal is None:
+            self.txg.seal = self.data.flush_all
         self.snapshots = SnapshotTree(namespace)
         self.gate = ChangeGate()
         self.block_size = store.config.block_size
@@ -386,9 +388,10 @@ class BackupFS(pyfuse3.Operations):
 
     @fuse_handler
     async def flush(self, fh):
-        h = self._handle(fh)
-        if not (h.kernel_ino >> inodes.SLOT_SHIFT) and self.data.has_dirty(h.kernel_ino):
-            await self.data.flush(h.kernel_ino)
+        # Nothing to do: dirty blocks are sealed by the next transaction group (or fsync,
+        # a snapshot, backpressure), many files in one batch. Sealing each small file at
+        # close cost two worker-thread round trips per file.
+        self._handle(fh)
 
     @fuse_handler
     async def release(self, fh):
@@ -399,8 +402,6 @@ class BackupFS(pyfuse3.Operations):
             await self._slot_closed(h.kernel_ino >> inodes.SLOT_SHIFT)
             return
         ino = h.kernel_ino
-        if self.data.has_dirty(ino):
-            await self.data.flush(ino)
         left = self.open_count[ino] - 1
         if left > 0:
             self.open_count[ino] = left
@@ -413,8 +414,7 @@ class BackupFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
         if not (h.kernel_ino >> inodes.SLOT_SHIFT):
-            await self.data.flush(h.kernel_ino)
-            await self.txg.commit()
+            await self.txg.commit()   # seals every dirty block first: see txg.py
 
     # -- directories -----------------------------------------------------------------
 

@@ -15,8 +15,11 @@ from ..store import Store
 
 
 class TransactionGroups:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, seal=None):
         self.store = store
+        # Awaited before every commit (the filesystem seals its dirty blocks there), so a
+        # committed file size never outruns the file's data.
+        self.seal = seal
         self._lock = trio.Lock()
         self.commits = 0
 
@@ -26,6 +29,8 @@ class TransactionGroups:
 
     async def commit(self) -> None:
         async with self._lock:
+            if self.seal is not None:
+                await self.seal()
             plan = self.store.packs.plan_sync()
             if plan.files or plan.dirs:
                 await trio.to_thread.run_sync(plan.run)
