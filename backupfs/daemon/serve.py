@@ -27,11 +27,13 @@ from ..snapshots.schedule import Schedule
 from ..store import Store
 from ..store.blockstore import CompactResult
 from .control import ControlServer, snapshot_dict
-from .mountinfo import SOURCE_PREFIX, find_mount
+from .protocol import SOCKET_NAME
+from .mountinfo import SOURCE_PREFIX, backupfs_mounts, find_mount
 
 log = logging.getLogger("backupfs.daemon")
 
 DEFAULT_TXG_INTERVAL = 5.0
+MAX_UNIX_PATH = 108  # sun_path, with its terminating NUL
 GC_BUDGET = 20000
 ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw",
                    "nodev", "nosuid", "dev", "suid", "exec", "noexec", "atime"}
@@ -74,10 +76,16 @@ class Daemon:
         """Mount and serve until unmounted; raises BackupfsError for what the user can fix."""
         if not self.mountpoint.is_dir():
             raise BackupfsError(f"{self.mountpoint}: mountpoint is not a directory")
+        sock = os.fsencode(self.store_path / SOCKET_NAME)
+        if len(sock) >= MAX_UNIX_PATH:
+            raise BackupfsError(f"{self.store_path}: path too long for the control socket "
+                                f"({len(sock)} bytes, the limit is {MAX_UNIX_PATH - 1})")
         if find_mount(self.mountpoint):
             raise BackupfsError(f"{self.mountpoint}: a backupfs store is already mounted there")
         store = Store.open(self.store_path)
         try:
+            # A bad [schedule] must stop the mount before it happens, not after.
+            self.schedule = Schedule.from_config(store.config.extra)
             ns = Namespace(store)
             store.commit()
             self.ops = BackupFS(store, ns, writeback_cache=self.writeback_cache)
@@ -89,7 +97,10 @@ class Daemon:
             try:
                 trio.run(self._serve)
             finally:
-                still_mounted = find_mount(self.mountpoint) is not None
+                # Not find_mount(): its realpath() would stat the mountpoint, and a mount
+                # whose loop never ran never answers (the daemon would hang in D state).
+                still_mounted = any(m.mountpoint == self.mountpoint
+                                    for m in backupfs_mounts())
                 pyfuse3.close(unmount=still_mounted)
         finally:
             store.close(commit=True)
@@ -100,7 +111,7 @@ class Daemon:
         # Inodes unlinked while open when the last daemon stopped: nothing holds them now.
         for ino in ops.ns.orphans():
             ops.ns.reclaim(ino)
-        schedule = Schedule.from_config(ops.store.config.extra)
+        schedule = self.schedule
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._txg_timer)
             nursery.start_soon(self._signals)
