@@ -8,11 +8,18 @@ need_apt=()
 for pkg in fuse3 libfuse3-dev pkg-config rsync attr; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
-if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "setup: installing ${need_apt[*]}" >&2
+# Samba, for the Previous Versions test (tests/test_samba.py): ~15 s, ~60 MB, without the
+# recommended AD-DC packages. Installing it does not start a server here (no systemd).
+need_smb=()
+for pkg in samba samba-vfs-modules smbclient; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_smb+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_smb[@]} -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]} ${need_smb[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    [ ${#need_apt[@]} -eq 0 ] || apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    [ ${#need_smb[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${need_smb[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
