@@ -148,9 +148,9 @@ class FileContents:
         if full:
             await self.seal(ino, full)
         if self.dirty_bytes > self.dirty_limit:
-            await self.flush(ino)
-            if self.dirty_bytes > self.dirty_limit:
-                await self.flush_all()
+            # Backpressure: seal everything in one batch. (Sealing only this inode would,
+            # with many small files, seal one file per write from here on.)
+            await self.flush_all()
         return len(data)
 
     async def seal(self, ino: int, blocknos) -> None:
