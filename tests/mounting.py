@@ -104,7 +104,7 @@ class Mount:
                 self.proc.wait()
         force_unmount(self.path)
         self.proc = None
-        if not self._log.closed:
+        if getattr(self, "_log", None) is not None and not self._log.closed:
             self._log.close()
 
     def cleanup(self) -> None:
