@@ -732,3 +732,43 @@ def test_o_trunc_and_o_excl(d):
     os.close(fd)
     assert p.read_bytes() == b"new"
     assert errno_of(os.open, p, os.O_CREAT | os.O_EXCL | os.O_RDWR) == errno.EEXIST
+
+
+def test_random_writes_truncates_against_a_model(d):
+    """fsx in miniature: random writes, truncates and reads near block boundaries, with
+    the kernel's page cache dropped now and then so the daemon's own answers are read."""
+    import random
+    rng = random.Random(4)
+    p = d / "fsx"
+    model = bytearray()
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        def spot():
+            b = rng.randrange(0, 12)
+            return max(0, b * BS + rng.randrange(-300, 300))
+
+        for step in range(600):
+            op = rng.random()
+            if op < 0.55:
+                off, n = spot(), rng.choice([1, 17, 4096, BS - 1, BS, BS + 3, 3 * BS])
+                data = rng.randbytes(n) if rng.random() < 0.8 else bytes(n)
+                os.pwrite(fd, data, off)
+                if off > len(model):
+                    model.extend(bytes(off - len(model)))
+                model[off:off + n] = data
+            elif op < 0.7:
+                size = spot()
+                os.ftruncate(fd, size)
+                del model[size:]
+                model.extend(bytes(size - len(model)))
+            elif op < 0.9:
+                off, n = spot(), rng.choice([1, 100, BS, 2 * BS + 1])
+                assert os.pread(fd, n, off) == bytes(model[off:off + n]), f"step {step}"
+            else:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.fstat(fd).st_size == len(model)
+                assert os.pread(fd, len(model) + 10, 0) == bytes(model), f"step {step}"
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == bytes(model)

@@ -175,11 +175,28 @@ def test_unsynced_writes_lost_cleanly_on_sigkill(mount_factory):
     m.syncfs()
     with open(m.path / "kept", "r+b") as f:
         f.write(b"CHANGED")
-    (m.path / "maybe").write_bytes(os.urandom(5 * BS))
+    (m.path / "maybe").write_bytes(os.urandom(5 * BS + 3))
     m.kill()
     m.start()
     kept = (m.path / "kept").read_bytes()
     assert kept in (b"k" * 1000, b"CHANGED" + b"k" * 993)
     if (m.path / "maybe").exists():
         os.stat(m.path / "maybe")
+    m.stop()
+
+
+def test_fsync_of_one_file_commits_closed_files_whole(mount_factory):
+    """A commit is ordered: a file whose size it records has its data in it too, never
+    a size with holes where unsealed bytes were."""
+    m = mount_factory(txg_interval=3600).start()
+    other = os.urandom(5 * BS + 3)
+    (m.path / "other").write_bytes(other)        # closed, not fsynced
+    fd = os.open(m.path / "synced", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"s")
+    os.fsync(fd)
+    os.close(fd)
+    m.kill()
+    m.start()
+    assert (m.path / "synced").read_bytes() == b"s"
+    assert (m.path / "other").read_bytes() == other
     m.stop()
