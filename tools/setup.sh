@@ -34,3 +34,18 @@ if ! .venv/bin/python -c 'import backupfs, pyfuse3, pytest_trio, hypothesis' >/d
     .venv/bin/pip install -q -e '.[test]'
     touch .venv/.installed
 fi
+
+# Commands at system paths, for systemd units, fstab and mount(8) (which runs
+# /sbin/mount.fuse.<type> with no PATH): symlinks into this checkout's .venv, made or
+# re-pointed here, never over a file that is not a symlink.
+link() {
+    local target=$1 name=$2
+    if [ -e "$name" ] && [ ! -L "$name" ]; then
+        echo "setup: $name exists and is not a symlink: left alone" >&2
+    elif [ "$(readlink "$name" 2>/dev/null)" != "$target" ]; then
+        echo "setup: linking $name -> $target" >&2
+        ln -sfn "$target" "$name"
+    fi
+}
+link "$PWD/.venv/bin/backupfs" /usr/local/bin/backupfs
+link "$PWD/.venv/bin/mount.fuse.backupfs" /sbin/mount.fuse.backupfs

@@ -46,9 +46,12 @@ def _split_options(values: tuple[str, ...]) -> list[str]:
 @click.option("--txg-interval", type=float, default=5.0, show_default=True,
               help="Seconds between transaction groups (the most un-fsynced work a crash loses).")
 @click.option("--no-writeback-cache", is_flag=True, help="Disable the kernel writeback cache.")
+@click.option("--control-group", metavar="GROUP",
+              help="Let GROUP's members run snapshot, list and the other control commands "
+                   "(control.sock mode 0660); overrides [control] group in config.toml.")
 @click.pass_context
 def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interval,
-              no_writeback_cache):
+              no_writeback_cache, control_group):
     """Mount STORE at MOUNTPOINT. Detaches and returns once the mount answers, unless -f."""
     from ..daemon.mountinfo import find_mount, mounts_of_store
 
@@ -71,12 +74,14 @@ def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interva
 
         _setup_daemon_logging(log_file, verbose)
         Daemon(store_path, mnt, _split_options(options), txg_interval=txg_interval,
-               writeback_cache=not no_writeback_cache).run()
+               writeback_cache=not no_writeback_cache, control_group=control_group).run()
         return
     log_path = Path(log_file).resolve() if log_file else store_path / LOG_NAME
     cmd = [sys.executable, "-m", "backupfs", *(["-v"] * verbose), "mount", "-f",
            "--log-file", str(log_path), "--txg-interval", str(txg_interval)]
     cmd += [a for o in options for a in ("-o", o)]
+    if control_group is not None:
+        cmd += ["--control-group", control_group]
     if no_writeback_cache:
         cmd.append("--no-writeback-cache")
     cmd += [str(store_path), str(mnt)]

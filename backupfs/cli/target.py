@@ -14,8 +14,12 @@ def resolve_store(target: str) -> Path:
     if m is not None:
         return m.store
     p = Path(target)
-    if (p / "config.toml").is_file():
-        return p.resolve()
+    try:
+        if (p / "config.toml").is_file():
+            return p.resolve()
+    except PermissionError:
+        raise BackupfsError(f"{target}: permission denied (run as root, or as a member "
+                            f"of the store's control group)") from None
     if not p.exists():
         raise BackupfsError(f"{target}: no such file or directory")
     raise BackupfsError(f"{target}: not a backupfs mount or store")

@@ -1,4 +1,5 @@
-"""The daemon side of the control socket (`STORE/control.sock`, mode 0600).
+"""The daemon side of the control socket (`STORE/control.sock`, mode 0600, or 0660 with
+the group set by `--control-group` or `[control] group` in config.toml).
 
 Each connection carries one request; operations run in the daemon's trio loop, so they
 see and change the same state as the FUSE handlers.
@@ -6,6 +7,7 @@ see and change the same state as the FUSE handlers.
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
@@ -26,6 +28,42 @@ def snapshot_dict(r) -> dict:
     return {"id": r.id, "name": r.name, "label": r.label,
             "created": created.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "created_ns": r.created_ns, "epoch": r.epoch, "hold": r.hold}
+
+
+def control_group(name: str | None, config: dict) -> int | None:
+    """The gid allowed to use the control socket: `name` (from --control-group), else
+    `[control] group` in config.toml, else None (root only)."""
+    if name is None:
+        table = config.get("control", {})
+        if not isinstance(table, dict):
+            raise BackupfsError("config.toml [control]: must be a table")
+        name = table.get("group")
+        if name is None:
+            return None
+    name = str(name)
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise BackupfsError(f"control group {name!r}: no such group") from None
+
+
+def share_store(store_path: Path, gid: int | None) -> None:
+    """Let the control group reach STORE/control.sock and nothing else: the store
+    directory becomes 0710 root:GROUP and its entries lose group and other permissions
+    (the index would otherwise show every file name). Without a group, back to 0700."""
+    store_path = Path(store_path)
+    if gid is None:
+        if store_path.stat().st_mode & 0o077:
+            os.chmod(store_path, 0o700)
+        return
+    for entry in store_path.iterdir():
+        if entry.name == SOCKET_NAME or entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode
+        if mode & 0o077:
+            os.chmod(entry, mode & 0o7700)
+    os.chown(store_path, -1, gid)
+    os.chmod(store_path, 0o710)
 
 
 class ControlServer:

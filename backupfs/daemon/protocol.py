@@ -35,9 +35,17 @@ class ControlClient:
         self.path = Path(store) / SOCKET_NAME
         self.timeout = timeout
 
+    def _denied(self) -> BackupfsError:
+        return BackupfsError(f"{self.path}: permission denied (run as root, or as a "
+                             f"member of the store's control group)")
+
     def call(self, op: str, **args):
-        if not self.path.exists():
-            raise NoDaemon(f"{self.path.parent}: no backupfs daemon is running for this store")
+        try:
+            if not self.path.exists():
+                raise NoDaemon(
+                    f"{self.path.parent}: no backupfs daemon is running for this store")
+        except PermissionError:
+            raise self._denied() from None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
@@ -47,8 +55,7 @@ class ControlClient:
                 raise NoDaemon(
                     f"{self.path.parent}: no backupfs daemon is running for this store") from None
             except PermissionError:
-                raise BackupfsError(f"{self.path}: permission denied (run as root, or as a "
-                                    f"member of the store's control group)") from None
+                raise self._denied() from None
             s.sendall(encode({"op": op, **args}))
             buf = b""
             while not buf.endswith(b"\n"):

@@ -26,7 +26,7 @@ from ..snapshots.retention import KeepPolicy, decide
 from ..snapshots.schedule import Schedule
 from ..store import Store
 from ..store.blockstore import CompactResult
-from .control import ControlServer, snapshot_dict
+from .control import ControlServer, control_group, share_store, snapshot_dict
 from .protocol import SOCKET_NAME
 from .mountinfo import SOURCE_PREFIX, backupfs_mounts, find_mount
 
@@ -64,8 +64,9 @@ def _syncfs(path: Path) -> None:
 class Daemon:
     def __init__(self, store_path: str | os.PathLike, mountpoint: str | os.PathLike,
                  options: list[str] | None = None, txg_interval: float = DEFAULT_TXG_INTERVAL,
-                 writeback_cache: bool = True):
+                 writeback_cache: bool = True, control_group: str | None = None):
         self.store_path = Path(os.path.realpath(store_path))
+        self.control_group = control_group
         self.mountpoint = Path(os.path.realpath(mountpoint))
         self.options = fuse_options(self.store_path, options or [])
         self.txg_interval = txg_interval
@@ -86,6 +87,8 @@ class Daemon:
         try:
             # A bad [schedule] must stop the mount before it happens, not after.
             self.schedule = Schedule.from_config(store.config.extra)
+            self.control_gid = control_group(self.control_group, store.config.extra)
+            share_store(self.store_path, self.control_gid)
             ns = Namespace(store)
             store.commit()
             self.ops = BackupFS(store, ns, writeback_cache=self.writeback_cache)
@@ -115,7 +118,9 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._txg_timer)
             nursery.start_soon(self._signals)
-            await nursery.start(ControlServer(self, self.store_path).serve)
+            await nursery.start(ControlServer(
+                self, self.store_path, mode=0o600 if self.control_gid is None else 0o660,
+                group=self.control_gid).serve)
             if schedule.enabled:
                 nursery.start_soon(self._scheduler, schedule)
             await pyfuse3.main()
