@@ -772,3 +772,16 @@ def test_random_writes_truncates_against_a_model(d):
     finally:
         os.close(fd)
     assert p.read_bytes() == bytes(model)
+
+
+def test_st_blocks_follows_stored_bytes(d):
+    (d / "small").write_bytes(b"x" * 4000)
+    (d / "dense").write_bytes(os.urandom(3 * BS + 1))
+    os.sync()
+    assert os.stat(d / "small").st_blocks == 8              # du says 4 KiB, not a block
+    assert os.stat(d / "dense").st_blocks == -(-(3 * BS + 1) // 512)
+    with open(d / "holey", "wb") as f:
+        f.seek(10 * BS)
+        f.write(b"x")
+    os.sync()
+    assert 0 < os.stat(d / "holey").st_blocks <= BS // 512

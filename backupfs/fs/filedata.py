@@ -229,6 +229,14 @@ class FileContents:
 
     # -- flushing --------------------------------------------------------------------
 
+    def pending_blocks(self, ino: int) -> int:
+        """Blocks of an inode written but not yet in the block map (an upper bound:
+        some may replace stored blocks, some may turn out to be holes)."""
+        bufs = self.buffers.get(ino)
+        if bufs is None:
+            return 0
+        return len(bufs.dirty.keys() | bufs.sealing.keys())
+
     def has_dirty(self, ino: int) -> bool:
         bufs = self.buffers.get(ino)
         return bool(bufs and (bufs.dirty or bufs.sealing))

@@ -39,7 +39,8 @@ def join(slot: int, ino: int) -> int:
     return (slot << SLOT_SHIFT) | ino
 
 
-def entry_attributes(attr, kernel_ino: int, block_size: int, timeout: float) -> pyfuse3.EntryAttributes:
+def entry_attributes(attr, kernel_ino: int, block_size: int, timeout: float,
+                     pending_blocks: int = 0) -> pyfuse3.EntryAttributes:
     """pyfuse3 attributes from a namespace `Attr`."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = kernel_ino
@@ -53,7 +54,11 @@ def entry_attributes(attr, kernel_ino: int, block_size: int, timeout: float) -> 
     e.st_rdev = attr.rdev
     e.st_size = attr.size
     e.st_blksize = block_size
-    e.st_blocks = attr.stored_blocks * (block_size // 512)
+    # Stored blocks plus those still buffered (as ext4 counts delayed allocations: a
+    # written file must never look all holes, or `tar -S` archives it empty), but never
+    # more than the file's size: `du` of a 4 KiB file says 4 KiB, not a whole block.
+    blocks = (attr.stored_blocks + pending_blocks) * (block_size // 512)
+    e.st_blocks = min(blocks, -(-attr.size // 512))
     e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.ctime_ns

@@ -119,10 +119,12 @@ class BackupFS(pyfuse3.Operations):
 
     def _entry(self, attr, kernel_ino: int, slot: int) -> pyfuse3.EntryAttributes:
         timeout = inodes.SNAPSHOT_TIMEOUT if slot else inodes.LIVE_TIMEOUT
-        return inodes.entry_attributes(attr, kernel_ino, self.block_size, timeout)
+        pending = 0 if slot else self.data.pending_blocks(attr.ino)
+        return inodes.entry_attributes(attr, kernel_ino, self.block_size, timeout, pending)
 
     def _live_entry(self, attr) -> pyfuse3.EntryAttributes:
-        return inodes.entry_attributes(attr, attr.ino, self.block_size, inodes.LIVE_TIMEOUT)
+        return inodes.entry_attributes(attr, attr.ino, self.block_size, inodes.LIVE_TIMEOUT,
+                                       self.data.pending_blocks(attr.ino))
 
     def _virtual_dir_entry(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
