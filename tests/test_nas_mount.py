@@ -1,0 +1,242 @@
+"""Mounting as a NAS does: `mount -t fuse.backupfs`, an fstab line, a systemd unit."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mounting import backupfs, force_unmount, is_mounted
+from nas_env import nas_dir
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(150)]
+
+REPO = Path(__file__).resolve().parent.parent
+HELPER = Path("/sbin/mount.fuse.backupfs")
+UNIT = REPO / "contrib" / "systemd" / "backupfs@.service"
+# What mount(8) and systemd add or keep in fstab, which must never reach FUSE.
+FSTAB_NOISE = "defaults,rw,suid,dev,exec,auto,nouser,async,_netdev,nofail," \
+              "x-systemd.requires=local-fs.target,x-systemd.mount-timeout=2min,comment=x"
+
+
+@pytest.fixture
+def root():
+    with nas_dir() as d:
+        yield d
+
+
+class Detached:
+    """Stores mounted by something else than the test harness; unmounted at the end."""
+
+    def __init__(self):
+        self.mounts: list[tuple[Path, Path]] = []
+
+    def add(self, store: Path, mountpoint: Path) -> None:
+        backupfs("init", store)
+        mountpoint.mkdir()
+        self.mounts.append((store, mountpoint))
+
+    def cleanup(self) -> None:
+        for store, mnt in self.mounts:
+            if is_mounted(mnt):
+                backupfs("umount", mnt, check=False)
+                force_unmount(mnt)
+            try:
+                pid = int((store / "writer.pid").read_text())
+            except (OSError, ValueError):
+                continue
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists() and b"backupfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def detached():
+    d = Detached()
+    yield d
+    d.cleanup()
+
+
+def mount_options(mnt: Path) -> tuple[str, str]:
+    """(per-mount options, filesystem options) of the mount at mnt."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == str(mnt):
+                return left.split()[5], right.split()[2]
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def clean_umount(store: Path, mnt: Path) -> None:
+    backupfs("umount", mnt)
+    assert not is_mounted(mnt)
+    # The daemon closed the store cleanly (it removes the mark of an open writer).
+    assert not (store / "writer.pid").exists()
+
+
+def require_helper() -> None:
+    if not HELPER.exists():
+        pytest.fail(f"{HELPER} is missing: run tools/setup.sh (it links it into .venv/bin)")
+
+
+def test_fstab_line_mounts_with_mount_a(root, detached):
+    require_helper()
+    store, mnt = root / "store", root / "mnt"
+    detached.add(store, mnt)
+    fstab = root / "fstab"
+    fstab.write_text(f"# test fstab\n{store} {mnt} fuse.backupfs "
+                     f"{FSTAB_NOISE},allow_other,noatime,txg_interval=1 0 0\n")
+    r = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert is_mounted(mnt)
+    per_mount, fs_opts = mount_options(mnt)
+    assert "allow_other" in fs_opts.split(",") and "noatime" in per_mount.split(","), fs_opts
+    (mnt / "hello").write_text("from fstab\n")
+    assert backupfs("list", mnt).stdout.strip() == "no snapshots"
+    # `mount -a` again: the line is mounted already; nothing happens, and no error.
+    r = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 0, r.stderr
+    with open("/proc/self/mountinfo") as f:
+        assert sum(line.split()[4] == str(mnt) for line in f) == 1
+    clean_umount(store, mnt)
+    # The data went through the daemon into the store: it is there on the next mount.
+    r = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "hello").read_text() == "from fstab\n"
+    clean_umount(store, mnt)
+
+
+def test_mount_t_fuse_backupfs_and_plain_umount(root, detached):
+    require_helper()
+    store, mnt = root / "store", root / "mnt"
+    detached.add(store, mnt)
+    r = subprocess.run(["mount", "-t", "fuse.backupfs", str(store), str(mnt),
+                        "-o", "allow_other,_netdev,nofail,control_group=root"],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "allow_other" in mount_options(mnt)[1].split(",")
+    # control_group= became --control-group: the socket is open to that group.
+    assert (store / "control.sock").stat().st_mode & 0o777 == 0o660
+    (mnt / "f").write_bytes(b"x" * 300_000)
+    # umount(8), as systemd and shutdown scripts use it, also lets the daemon finish.
+    r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while (store / "writer.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (store / "writer.pid").exists(), "the daemon did not close the store"
+    # A type that is not ours is refused by the helper, and nothing is mounted.
+    r = subprocess.run([str(HELPER), str(store), str(mnt), "-t", "fuse.other"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and not is_mounted(mnt)
+    # An option backupfs does not know fails the mount with one line naming it.
+    r = subprocess.run(["mount", "-t", "fuse.backupfs", str(store), str(mnt), "-o", "bogus"],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode != 0 and "bogus" in r.stderr and not is_mounted(mnt), r.stderr
+    r = subprocess.run(["mount", "-t", "fuse.backupfs", str(store), str(mnt)],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "f").read_bytes() == b"x" * 300_000
+    clean_umount(store, mnt)
+
+
+# -- systemd ------------------------------------------------------------------------------
+
+def test_unit_verifies():
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    with nas_dir() as d:
+        shutil.copy(UNIT, d / UNIT.name)
+        (d / "backupfs@mnt-backupfs.service").symlink_to(UNIT.name)
+        r = subprocess.run(["systemd-analyze", "verify", str(d / "backupfs@mnt-backupfs.service")],
+                           capture_output=True, text=True, timeout=60)
+    # verify exits 0 on many problems it only warns about: any output is a defect.
+    assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), r.stderr
+
+
+def unit_service_section() -> dict[str, list[str]]:
+    section, out = None, {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def expand(command: str, env: dict[str, str], specifiers: dict[str, str]) -> list[str]:
+    """A unit's command line as systemd runs it: specifiers, then `$VAR` as whitespace-
+    split words and `${VAR}` inside a word."""
+    for k, v in specifiers.items():
+        command = command.replace(k, v)
+    words = []
+    for w in shlex.split(command):
+        if re.fullmatch(r"\$[A-Za-z_]\w*", w):
+            words += env.get(w[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), w))
+    return words
+
+
+def test_unit_commands_mount_and_stop_cleanly(root, detached):
+    """Runs the unit's ExecStartPre/ExecStart/ExecStartPost/ExecStop as systemd would
+    (no systemd runs here): started means mounted, stop means unmounted and closed."""
+    svc = unit_service_section()
+    assert svc["Type"] == ["simple"] and svc["KillSignal"] == ["SIGTERM"]
+    store, mnt = root / "store", root / "data" / "mnt"
+    backupfs("init", store)
+    detached.mounts.append((store, mnt))
+    instance = subprocess.run(["systemd-escape", "--path", str(mnt)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    specifiers = {"%f": str(mnt), "%i": instance, "%I": instance}
+    env = {}
+    for assignment in svc.get("Environment", []):
+        k, _, v = shlex.split(assignment)[0].partition("=")
+        env[k] = v
+    assert svc["EnvironmentFile"] == ["/etc/backupfs/%i.conf"]
+    # What the admin writes in /etc/backupfs/<instance>.conf:
+    env.update(STORE=str(store), OPTIONS="-o allow_other --txg-interval 1")
+    run = lambda key: [expand(c, env, specifiers) for c in svc.get(key, [])]  # noqa: E731
+    for cmd in run("ExecStartPre"):
+        subprocess.run(cmd, check=True, timeout=30)
+    [start] = run("ExecStart")
+    assert start[0] == "/usr/local/bin/backupfs" and "-f" in start
+    if not Path(start[0]).exists():
+        pytest.fail(f"{start[0]} is missing: run tools/setup.sh")
+    log = open(root / "journal", "wb")
+    main = subprocess.Popen(start, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        for cmd in run("ExecStartPost"):
+            subprocess.run(cmd, check=True, timeout=150)
+        assert is_mounted(mnt) and main.poll() is None
+        assert "allow_other" in mount_options(mnt)[1].split(",")
+        (mnt / "written").write_bytes(b"y" * 200_000)
+        for cmd in run("ExecStop"):
+            subprocess.run(cmd, check=True, timeout=300)
+        assert main.wait(timeout=60) == 0
+        assert not is_mounted(mnt) and not (store / "writer.pid").exists()
+        # Logged to stdout/stderr, which systemd sends to the journal.
+        text = (root / "journal").read_text()
+        assert "mounted" in text and "Traceback" not in text, text
+    finally:
+        if main.poll() is None:
+            force_unmount(mnt)
+            main.send_signal(signal.SIGTERM)
+            main.wait(timeout=60)
+        log.close()
