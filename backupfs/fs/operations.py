@@ -178,6 +178,10 @@ class BackupFS(pyfuse3.Operations):
 
     def _maybe_reclaim(self, ino: int) -> None:
         """Free an unlinked inode once the kernel and every handle are done with it."""
+        if not self.open_count.get(ino, 0):
+            # Nobody can read it any more: its unsealed data need never reach the disk
+            # (storing it could fill a full disk again right after this delete).
+            self.data.discard(ino)
         if self.lookups.get(ino, 0) or self.open_count.get(ino, 0):
             return
         try:
@@ -494,8 +498,10 @@ class BackupFS(pyfuse3.Operations):
         s.f_bsize = self.block_size
         s.f_frsize = st.f_frsize
         s.f_blocks = st.f_blocks
-        s.f_bfree = st.f_bfree
-        s.f_bavail = st.f_bavail
+        # What writes can still use: the store keeps a reserve for its index.
+        reserve = self.store.packs.reserve_bytes(st) // st.f_frsize
+        s.f_bfree = max(0, st.f_bfree - reserve)
+        s.f_bavail = max(0, st.f_bavail - reserve)
         s.f_files = st.f_files or 1 << 32
         s.f_ffree = st.f_ffree or 1 << 32
         s.f_favail = st.f_favail or 1 << 32

@@ -170,13 +170,22 @@ class BlockStore:
                 encoded[h] = codec.encode(d, self.compression, h)
 
         await _in_threads(encode_share, list(new.items()))
-        for data, h in zip(blocks, hashes):
-            e = encoded.pop(h, None)
-            if e is not None:
-                self.put_encoded(e)
-            elif not self._incref_existing(h):
-                # Compaction dropped it while we were hashing: store it after all.
-                self.put_encoded(codec.encode(data, self.compression, h))
+        counted: list[bytes] = []
+        try:
+            for data, h in zip(blocks, hashes):
+                e = encoded.pop(h, None)
+                if e is not None:
+                    self.put_encoded(e)
+                elif not self._incref_existing(h):
+                    # Compaction dropped it while we were hashing: store it after all.
+                    self.put_encoded(codec.encode(data, self.compression, h))
+                counted.append(h)
+        except BaseException:
+            # All or nothing (a full disk fails midway): the caller gets no hashes, so it
+            # must own no references.
+            for h in counted:
+                self.decref(h)
+            raise
         return hashes
 
     def incref(self, h: bytes, n: int = 1) -> None:

@@ -8,10 +8,12 @@ pack and deletes the old file once the index no longer points into it).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 
 from ..errors import StoreError
@@ -23,6 +25,11 @@ PACK_HEADER = struct.Struct(">8sII")  # magic, pack format version, pack id
 PACK_HEADER_LEN = PACK_HEADER.size
 PACK_VERSION = 1
 DEFAULT_ROTATE_SIZE = 64 * 1024 * 1024
+# Kept free for the index when the disk fills: 2% of the disk, at most 256 MiB.
+RESERVE_SHARE = 0.02
+RESERVE_MAX = 256 * 1024 * 1024
+# Below this estimate of free space, every append looks at the disk again.
+SPACE_RECHECK = 64 * 1024 * 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,6 +88,8 @@ class PackSet:
         self._synced_unrecorded: dict[int, int] = {}
         self._sealed: set[int] = set()  # never appended to again (being compacted away)
         self._retired: set[int] = set()  # dropped from the index: no length to record
+        self._free_estimate = 0
+        self._space_checked = 0.0
 
     # -- naming ---------------------------------------------------------------------
 
@@ -128,10 +137,32 @@ class PackSet:
 
     # -- writing --------------------------------------------------------------------
 
+    def free_bytes(self) -> int:
+        """Bytes the disk under the packs can still take for block data: its free space
+        less the reserve kept for index commits."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize - self.reserve_bytes(st)
+
+    @staticmethod
+    def reserve_bytes(st: os.statvfs_result) -> int:
+        # Block data stops short of a full disk, so the LMDB commits that record what was
+        # written (and the deletes that free space) always find room: like ZFS's slop space.
+        return min(RESERVE_MAX, st.f_blocks * st.f_frsize * RESERVE_SHARE)
+
+    def _check_space(self, n: int) -> None:
+        self._free_estimate -= n
+        now = time.monotonic()
+        if self._free_estimate < SPACE_RECHECK or now - self._space_checked > 1.0:
+            self._free_estimate = self.free_bytes()
+            self._space_checked = now
+        if self._free_estimate < n:
+            raise OSError(errno.ENOSPC, "No space left on device (the store's disk is full)")
+
     def append(self, record: bytes) -> tuple[int, int]:
         """Append one record; returns (pack id, offset). Durable only after `sync`."""
         if self.readonly:
             raise StoreError("store is open read-only")
+        self._check_space(len(record))
         if self._write_fd is None or (
             self._write_len > PACK_HEADER_LEN and self._write_len + len(record) > self.rotate_size
         ):
@@ -141,7 +172,7 @@ class PackSet:
         if written != len(record):
             # A short write means the disk is full; the bytes past our length are garbage
             # that the next append overwrites.
-            raise OSError(28, "No space left on device (short write to pack)")
+            raise OSError(errno.ENOSPC, "No space left on device (short write to pack)")
         self._write_len += written
         self._lengths[self._write_id] = self._write_len
         self._dirty.add(self._write_id)
