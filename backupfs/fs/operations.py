@@ -178,20 +178,19 @@ class BackupFS(pyfuse3.Operations):
 
     def _maybe_reclaim(self, ino: int) -> None:
         """Free an unlinked inode once the kernel and every handle are done with it."""
+        try:
+            if self.live.getattr(ino).nlink:
+                return
+        except OSError:
+            return
         if not self.open_count.get(ino, 0):
             # Nobody can read it any more: its unsealed data need never reach the disk
             # (storing it could fill a full disk again right after this delete).
             self.data.discard(ino)
         if self.lookups.get(ino, 0) or self.open_count.get(ino, 0):
             return
-        try:
-            attr = self.live.getattr(ino)
-        except OSError:
-            return
-        if attr.nlink == 0:
-            self.data.discard(ino)
-            self._no_xattrs.discard(ino)
-            self.ns.reclaim(ino)
+        self._no_xattrs.discard(ino)
+        self.ns.reclaim(ino)
 
     # -- lookups and attributes ------------------------------------------------------
 
@@ -243,6 +242,7 @@ class BackupFS(pyfuse3.Operations):
         old = self.live.getattr(ino)
         changes = {}
         if fields.update_size:
+            log.warning("DEBUGSIZE ino %d size %d", inode, attr.st_size)
             if stat.S_ISDIR(old.mode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             await self.data.truncate(ino, attr.st_size)
@@ -542,13 +542,22 @@ class BackupFS(pyfuse3.Operations):
         if not slot and name == CAPABILITY_XATTR and not view.listxattr(ino):
             self._no_xattrs.add(ino)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return view.getxattr(ino, name)
+        try:
+            return view.getxattr(ino, name)
+        except OSError as e:
+            # `ls -l` asks every file for security.selinux and its ACL: learn the ones
+            # with no xattrs at all, so the next question costs no LMDB work.
+            if not slot and e.errno == errno.ENODATA and not view.listxattr(ino):
+                self._no_xattrs.add(ino)
+            raise
 
     @fuse_handler
     async def listxattr(self, inode, ctx):
         if inode in (SNAPSHOTS_DIR_INO, LATEST_INO):
             return []
-        _, ino, view = self._resolve(inode)
+        slot, ino, view = self._resolve(inode)
+        if not slot and ino in self._no_xattrs:
+            return []
         return view.listxattr(ino)
 
     @fuse_handler
