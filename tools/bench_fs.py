@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""bench_fs: backupfs against the raw disk and the Python FUSE ceiling (tools/memfs.py).
+
+Mounts a fresh backupfs store and memfs side by side, then runs the same work on each
+and on a plain directory of the disk that holds the store:
+
+  seq write     one file of --size bytes of mixed data (half random, half text-like, so
+                zstd halves it; no two blocks equal, so no dedup) in 1 MiB writes + fsync
+  cold read     the same file after `echo 3 > /proc/sys/vm/drop_caches`, 1 MiB reads
+  create+write  --files files of 4 KiB in one directory (open, write, close)
+  stat          os.lstat of every file, cold (caches dropped first)
+  ls -l         `ls -l` of the directory, cold
+  read          open, read, close every file, cold
+  cp -a in      `cp -a` of the raw disk's copy of those files into the filesystem
+  unlink        unlink every file
+
+Prints a table with the figures and the ratios backupfs/raw and backupfs/memfs (above 1
+is better for rates; for times it is the slowdown), and with --json writes them as JSON.
+Needs root (drop_caches). Run it on an otherwise quiet machine, once.
+
+    sudo .venv/bin/python tools/bench_fs.py [--size 1G] [--files 10000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+CHUNK = 1 << 20
+
+
+def parse_size(s: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = s.strip().upper().removesuffix("IB").removesuffix("B")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
+
+
+def mixed_data(size: int) -> bytes:
+    """Unique, half-compressible bytes: per MiB, 512 KiB random and 512 KiB of random
+    letters from a 16-letter alphabet (4 bits of entropy per byte)."""
+    table = bytes(b"etaoinshrdlucmfw"[i % 16] for i in range(256))
+    out = bytearray()
+    while len(out) < size:
+        out += os.urandom(CHUNK // 2)
+        out += os.urandom(CHUNK // 2).translate(table)
+    return bytes(out[:size])
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def is_mounted(path: Path) -> bool:
+    path = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def wait_mounted(path: Path, proc: subprocess.Popen | None, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not is_mounted(path):
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before mounting")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not mount in 60 s")
+        time.sleep(0.05)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path | None) -> dict:
+    res: dict[str, float] = {}
+    size = len(data)
+    big = root / "big"
+
+    def write_big():
+        fd = os.open(big, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            mv = memoryview(data)
+            for off in range(0, size, CHUNK):
+                os.write(fd, mv[off:off + CHUNK])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    res["seq_write_MBps"] = size / 1e6 / timed(write_big)
+    drop_caches()
+
+    def read_big():
+        fd = os.open(big, os.O_RDONLY)
+        try:
+            n = 0
+            while True:
+                b = os.read(fd, CHUNK)
+                if not b:
+                    break
+                n += len(b)
+            assert n == size, (n, size)
+        finally:
+            os.close(fd)
+
+    res["cold_read_MBps"] = size / 1e6 / timed(read_big)
+    os.unlink(big)
+
+    small = root / "small"
+    small.mkdir()
+    payload = os.urandom(4096)
+    names = [f"file-{i:05d}" for i in range(nfiles)]
+
+    def create_write():
+        dfd = os.open(small, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in names:
+                fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644, dir_fd=dfd)
+                os.write(fd, payload)
+                os.close(fd)
+        finally:
+            os.close(dfd)
+
+    res["create_write_files_per_s"] = nfiles / timed(create_write)
+    drop_caches()
+
+    def stat_all():
+        for name in names:
+            os.lstat(small / name)
+
+    res["stat_files_per_s"] = nfiles / timed(stat_all)
+    drop_caches()
+    res["ls_l_s"] = timed(lambda: subprocess.run(["ls", "-l", str(small)], check=True,
+                                                  stdout=subprocess.DEVNULL))
+    drop_caches()
+
+    def read_all():
+        for name in names:
+            with open(small / name, "rb") as f:
+                assert len(f.read()) == 4096
+
+    res["read_files_per_s"] = nfiles / timed(read_all)
+    if source_small is not None:
+        res["cp_a_in_files_per_s"] = nfiles / timed(lambda: subprocess.run(
+            ["cp", "-a", str(source_small), str(root / "copy")], check=True))
+    res["unlink_files_per_s"] = nfiles / timed(lambda: [os.unlink(small / n) for n in names])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="backupfs vs raw disk vs memfs")
+    ap.add_argument("--size", default="1G", help="size of the sequential file (default 1G)")
+    ap.add_argument("--files", type=int, default=10000, help="small files (default 10000)")
+    ap.add_argument("--dir", default=None, help="work directory on the disk to measure "
+                    "(default: a new one under /tmp)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_fs needs root (it drops the page cache)")
+    size = parse_size(args.size)
+    work = Path(args.dir or tempfile.mkdtemp(prefix="backupfs-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw, store = work / "raw", work / "store"
+    mnt_b, mnt_m = work / "mnt-backupfs", work / "mnt-memfs"
+    for p in (raw, mnt_b, mnt_m):
+        p.mkdir()
+    print(f"generating {size / 2**20:.0f} MiB of mixed data ...", flush=True)
+    data = mixed_data(size)
+    memfs = None
+    results: dict[str, dict] = {}
+    try:
+        subprocess.run([PY, "-m", "backupfs", "init", str(store)], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([PY, "-m", "backupfs", "mount", str(store), str(mnt_b)], check=True,
+                       cwd=REPO, stdout=subprocess.DEVNULL)
+        memfs = subprocess.Popen([PY, str(HERE / "memfs.py"), str(mnt_m)],
+                                 stdin=subprocess.DEVNULL)
+        wait_mounted(mnt_m, memfs, "memfs")
+        wait_mounted(mnt_b, None, "backupfs")
+        for name, root in (("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)):
+            print(f"measuring {name} ...", flush=True)
+            src = raw / "small-source" if name != "raw" else None
+            results[name] = bench_target(root, data, args.files, src)
+            if name == "raw":
+                # keep a tree on the raw disk for the cp -a of the other two
+                (raw / "small-source").mkdir()
+                for i in range(args.files):
+                    (raw / "small-source" / f"file-{i:05d}").write_bytes(os.urandom(4096))
+                results[name]["cp_a_in_files_per_s"] = args.files / timed(
+                    lambda: subprocess.run(["cp", "-a", str(raw / "small-source"),
+                                            str(raw / "copy")], check=True))
+        subprocess.run(["sync"], check=True)
+        stored = sum(f.stat().st_size for f in (store / "packs").rglob("*") if f.is_file())
+        results["backupfs"]["store_packs_MB_after_run"] = stored / 1e6
+    finally:
+        if is_mounted(mnt_b):
+            subprocess.run([PY, "-m", "backupfs", "umount", str(mnt_b)], cwd=REPO)
+        if memfs is not None:
+            subprocess.run(["fusermount3", "-u", str(mnt_m)])
+            try:
+                memfs.wait(30)
+            except subprocess.TimeoutExpired:
+                memfs.kill()
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt_m)])
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    keys = [k for k in results["raw"]]
+    print()
+    print(f"size {size / 2**20:.0f} MiB, {args.files} small files")
+    head = f"{'measure':28} {'raw':>10} {'memfs':>10} {'backupfs':>10} {'bfs/raw':>8} {'bfs/mem':>8}"
+    print(head)
+    print("-" * len(head))
+    ratios = {}
+    for k in keys:
+        r, m, b = results["raw"][k], results["memfs"][k], results["backupfs"][k]
+        ratios[k] = {"vs_raw": b / r, "vs_memfs": b / m}
+        print(f"{k:28} {r:10.2f} {m:10.2f} {b:10.2f} {b / r:8.2f} {b / m:8.2f}")
+    print(f"backupfs packs on disk after the run: "
+          f"{results['backupfs']['store_packs_MB_after_run']:.0f} MB "
+          f"(written: {size / 1e6:.0f} MB sequential, then small files)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": size, "files": args.files, "results": results,
+                       "ratios": ratios}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

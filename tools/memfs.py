@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""memfs: a minimal in-memory pyfuse3 filesystem, the "Python FUSE ceiling" baseline.
+
+It does as little as a pyfuse3 filesystem can: files live in bytearrays, directories in
+dicts; no hashing, no compression, no index. It is configured the way backupfs is (long
+entry/attr timeouts, writeback cache, a getxattr that answers ENOATTR at once), so the
+difference between the two is what backupfs's own work costs, not FUSE or pyfuse3.
+
+    tools/memfs.py MOUNTPOINT [-o allow_other]     # foreground; unmount with fusermount3 -u
+
+Supports files, directories, read/write, truncate, chmod/chown/utimens, rename, unlink,
+rmdir, statfs and fsync (a no-op). Not a filesystem to keep anything in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import itertools
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+
+TIMEOUT = 300.0
+ROOT = pyfuse3.ROOT_INODE
+
+
+class Node:
+    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "atime", "mtime", "ctime", "data",
+                 "children", "rdev", "target")
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int):
+        now = time.time_ns()
+        self.ino, self.mode, self.uid, self.gid = ino, mode, uid, gid
+        self.nlink = 2 if stat.S_ISDIR(mode) else 1
+        self.atime = self.mtime = self.ctime = now
+        self.data = bytearray()
+        self.children: dict[bytes, int] | None = {} if stat.S_ISDIR(mode) else None
+        self.rdev = 0
+        self.target = b""
+
+
+class MemFS(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, stat.S_IFDIR | 0o755, 0, 0)}
+        self._ino = itertools.count(ROOT + 1)
+        self._fh = itertools.count(1)
+        self.open_fh: dict[int, int] = {}
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _entry(self, n: Node) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = n.ino
+        e.entry_timeout = e.attr_timeout = TIMEOUT
+        e.st_mode, e.st_nlink, e.st_uid, e.st_gid = n.mode, n.nlink, n.uid, n.gid
+        e.st_rdev = n.rdev
+        e.st_size = len(n.target) if n.target else len(n.data)
+        e.st_blksize = 131072
+        e.st_blocks = (e.st_size + 511) // 512
+        e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = n.atime, n.mtime, n.ctime
+        return e
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        p = self._node(parent_inode)
+        if name == b".":
+            return self._entry(p)
+        ino = p.children.get(name) if p.children is not None else None
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(self.nodes[ino])
+
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self._node(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        n = self._node(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            size = attr.st_size
+            if size < len(n.data):
+                del n.data[size:]
+            else:
+                n.data.extend(bytes(size - len(n.data)))
+            n.mtime = now
+        if fields.update_mode:
+            n.mode = stat.S_IFMT(n.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            n.uid = attr.st_uid
+        if fields.update_gid:
+            n.gid = attr.st_gid
+        if fields.update_atime:
+            n.atime = attr.st_atime_ns
+        if fields.update_mtime:
+            n.mtime = attr.st_mtime_ns
+        n.ctime = now
+        return self._entry(n)
+
+    def _new(self, parent_inode, name, mode, ctx) -> Node:
+        p = self._node(parent_inode)
+        if name in p.children:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        n = Node(next(self._ino), mode, ctx.uid, ctx.gid)
+        self.nodes[n.ino] = n
+        p.children[name] = n.ino
+        if stat.S_ISDIR(mode):
+            p.nlink += 1
+        p.mtime = p.ctime = n.ctime
+        return n
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._entry(self._new(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        n = self._new(parent_inode, name, mode, ctx)
+        n.rdev = rdev
+        return self._entry(n)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        n = self._new(parent_inode, name, stat.S_IFLNK | 0o777, ctx)
+        n.target = target
+        return self._entry(n)
+
+    async def readlink(self, inode, ctx):
+        return self._node(inode).target
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        n = self._new(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        fh = next(self._fh)
+        self.open_fh[fh] = n.ino
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(n)
+
+    async def open(self, inode, flags, ctx):
+        self._node(inode)
+        fh = next(self._fh)
+        self.open_fh[fh] = inode
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        return bytes(self.nodes[self.open_fh[fh]].data[off:off + size])
+
+    async def write(self, fh, off, buf):
+        n = self.nodes[self.open_fh[fh]]
+        if off > len(n.data):
+            n.data.extend(bytes(off - len(n.data)))
+        n.data[off:off + len(buf)] = buf
+        n.mtime = n.ctime = time.time_ns()
+        return len(buf)
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        pass
+
+    async def release(self, fh):
+        self.open_fh.pop(fh, None)
+
+    def _remove(self, parent_inode, name, want_dir: bool):
+        p = self._node(parent_inode)
+        ino = p.children.get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        n = self.nodes[ino]
+        if want_dir != stat.S_ISDIR(n.mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR if want_dir else errno.EISDIR)
+        if want_dir and n.children:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        del p.children[name]
+        if want_dir:
+            p.nlink -= 1
+        n.nlink = 0 if want_dir else n.nlink - 1
+        p.mtime = p.ctime = n.ctime = time.time_ns()
+
+    async def unlink(self, parent_inode, name, ctx):
+        self._remove(parent_inode, name, False)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        self._remove(parent_inode, name, True)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        po, pn = self._node(parent_inode_old), self._node(parent_inode_new)
+        ino = po.children.get(name_old)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        old = pn.children.get(name_new)
+        if old is not None:
+            self._remove(parent_inode_new, name_new, stat.S_ISDIR(self.nodes[old].mode))
+        del po.children[name_old]
+        pn.children[name_new] = ino
+        if stat.S_ISDIR(self.nodes[ino].mode) and po is not pn:
+            po.nlink -= 1
+            pn.nlink += 1
+
+    async def forget(self, inode_list):
+        for ino, _ in inode_list:
+            n = self.nodes.get(ino)
+            if n is not None and n.nlink == 0 and ino not in self.open_fh.values():
+                del self.nodes[ino]
+
+    async def opendir(self, inode, ctx):
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        # Cookie = position in a sorted snapshot of the names: good enough for a baseline
+        # that nobody deletes from while listing.
+        names = sorted(self.nodes[fh].children.items())
+        for i in range(start_id, len(names)):
+            name, ino = names[i]
+            if not pyfuse3.readdir_reply(token, name, self._entry(self.nodes[ino]), i + 1):
+                return
+
+    async def releasedir(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30
+        s.f_files = s.f_ffree = s.f_favail = 1 << 30
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mountpoint")
+    ap.add_argument("-o", dest="options", action="append", default=[])
+    args = ap.parse_args()
+    opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
+    opts |= {o for v in args.options for o in v.split(",") if o}
+    pyfuse3.init(MemFS(), args.mountpoint, opts)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    main()
