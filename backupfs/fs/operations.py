@@ -242,7 +242,6 @@ class BackupFS(pyfuse3.Operations):
         old = self.live.getattr(ino)
         changes = {}
         if fields.update_size:
-            log.warning("DEBUGSIZE ino %d size %d", inode, attr.st_size)
             if stat.S_ISDIR(old.mode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             await self.data.truncate(ino, attr.st_size)
