@@ -61,6 +61,17 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
+def _keep_finishing_on_signals() -> None:
+    """Once unmounted, what is left is writing back: a signal must not cut it short.
+    (systemd stops a fstab mount by unmounting it, then SIGTERMs what is left of the unit:
+    this daemon, which would die before committing what the kernel just wrote back.)"""
+    def note(signum, frame):
+        log.info("%s: not serving; finishing writes first", signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, note)
+
+
 class Daemon:
     def __init__(self, store_path: str | os.PathLike, mountpoint: str | os.PathLike,
                  options: list[str] | None = None, txg_interval: float = DEFAULT_TXG_INTERVAL,
@@ -115,6 +126,9 @@ class Daemon:
         for ino in ops.ns.orphans():
             ops.ns.reclaim(ino)
         schedule = self.schedule
+        # Under the receiver of _signals while it runs, and what it restores (and hands a
+        # signal still pending to) when it stops.
+        _keep_finishing_on_signals()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._txg_timer)
             nursery.start_soon(self._signals)
