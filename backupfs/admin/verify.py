@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import CorruptBlock
-from ..namespace import ROOT_INO
+from ..namespace import ROOT_INO, Namespace
+from ..store import Store
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -102,49 +103,61 @@ def _check(store, loc) -> tuple[object, int, Exception | None]:
     try:
         return loc, len(store.blocks.read_verified(loc)), None
     except (CorruptBlock, OSError) as e:
-        # OSError: the pack went away (a running daemon compacted it): looked at again
-        # after a fresh look at the index.
         return loc, 0, e
 
 
-def verify(store, ns, snapshot: str | None = None, sample: float | None = None,
+def verify(path, snapshot: str | None = None, sample: float | None = None,
            max_duration: float | None = None, restart: bool = False,
            show_progress: bool | None = None) -> VerifyState:
-    state_path = Path(store.path) / STATE_NAME
-    scope = _scope(snapshot, sample)
-    state = _load_state(state_path, scope, restart)
-    epoch = ns.find_snapshot(snapshot).epoch if snapshot else None
-    todo = blocks_to_verify(store, ns, epoch, sample, bytes.fromhex(state.position))
+    """Scrub the store at `path` (read-only; a daemon may be running on it)."""
+    path = Path(path)
+    state_path = path / STATE_NAME
+    state = _load_state(state_path, _scope(snapshot, sample), restart)
     deadline = None if max_duration is None else time.monotonic() + max_duration
+    with Store.open(path, readonly=True) as store:
+        ns = Namespace(store)
+        epoch = ns.find_snapshot(snapshot).epoch if snapshot else None
+        todo = blocks_to_verify(store, ns, epoch, sample, bytes.fromhex(state.position))
+        suspects, paused = _scrub(store, todo, state, state_path, deadline, show_progress)
+    # Failures are looked at again in the index as it is now: a running daemon may have
+    # compacted a block into another pack meanwhile. (A read-only LMDB environment's
+    # database handles die with their transaction, hence a new Store.)
+    with Store.open(path, readonly=True) as store:
+        for h in suspects:
+            if store.blocks.refcount(h):
+                _count(state, *_check(store, store.blocks.locate(h)))
+        if paused:
+            _save(state_path, state)
+            log.info("verify paused after %d blocks; the next run resumes", state.checked)
+            return state
+        name_users(Namespace(store), state)
+    state.finished = time.time()
+    state_path.unlink(missing_ok=True)
+    _save(path / LAST_NAME, state)
+    return state
+
+
+def _scrub(store, todo: list, state: VerifyState, state_path: Path, deadline: float | None,
+           show_progress: bool | None) -> tuple[list[bytes], bool]:
+    """Verify the blocks in `todo`, saving progress; returns (blocks that failed, paused)."""
     last_save = time.monotonic()
-    moved = []
+    suspects = []
     with progress_bar("verify", total=len(todo), unit="blk", enabled=show_progress) as bar, \
             ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for start in range(0, len(todo), CHUNK):
             for loc, size, err in pool.map(lambda l: _check(store, l), todo[start:start + CHUNK]):
                 state.position = loc.hash.hex()
-                if isinstance(err, OSError):
-                    moved.append(loc.hash)
-                    continue
-                _count(state, loc, size, err)
+                if err is None:
+                    _count(state, loc, size, None)
+                else:
+                    suspects.append(loc.hash)
             bar.update(min(CHUNK, len(todo) - start))
             if time.monotonic() - last_save > SAVE_EVERY:
                 _save(state_path, state)
                 last_save = time.monotonic()
             if deadline is not None and time.monotonic() > deadline:
-                _save(state_path, state)
-                log.info("verify paused after %d blocks; the next run resumes", state.checked)
-                return state
-    if moved:
-        store.refresh()
-        for h in moved:
-            if h in store.blocks and store.blocks.refcount(h):
-                _count(state, *_check(store, store.blocks.locate(h)))
-    name_users(ns, state)
-    state.finished = time.time()
-    state_path.unlink(missing_ok=True)
-    _save(Path(store.path) / LAST_NAME, state)
-    return state
+                return suspects, True
+    return suspects, False
 
 
 def _count(state: VerifyState, loc, size: int, err: Exception | None) -> None:

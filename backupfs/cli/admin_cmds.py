@@ -37,13 +37,19 @@ def _daemon(store_path: Path) -> ControlClient | None:
     return client
 
 
-@contextmanager
-def reading(target: str):
-    """(store, namespace) of a store, read-only, current as of now."""
+def _current(target: str) -> Path:
+    """The store of a target; if it is mounted, its daemon has committed everything."""
     path = resolve_store(target)
     daemon = _daemon(path)
     if daemon is not None:
         daemon.call("flush")
+    return path
+
+
+@contextmanager
+def reading(target: str):
+    """(store, namespace) of a store, read-only, current as of now."""
+    path = _current(target)
     store = Store.open(path, readonly=True)
     try:
         yield store, Namespace(store)
@@ -82,9 +88,8 @@ def verify_cmd(target, snapshot, sample, max_duration, restart, as_json):
     that uses a bad one. Exit status 1 when anything is bad, 2 when paused unfinished."""
     from ..admin.verify import verify
 
-    with reading(target) as (store, ns):
-        state = verify(store, ns, snapshot=snapshot, sample=sample, max_duration=max_duration,
-                       restart=restart)
+    state = verify(_current(target), snapshot=snapshot, sample=sample, max_duration=max_duration,
+                   restart=restart)
     if as_json:
         _echo_json({"finished": state.finished is not None, "checked": state.checked,
                     "bytes": state.bytes, "bad": state.bad})

@@ -199,9 +199,8 @@ class Store:
     def commit(self) -> None:
         """Close the transaction group: fsync packs, then commit the index durably."""
         if self.readonly:
-            self.txn.abort()
-            self.txn = self.env.begin(write=False)
-            return
+            raise StoreError("a read-only store has nothing to commit; open it again "
+                             "to see what writers committed since")
         # Packs may have been synced already (by a worker thread, see fs.txg); whatever
         # was synced since the last commit is recorded now, and only bytes that are on
         # disk are ever referenced by a committed index.
@@ -213,10 +212,6 @@ class Store:
             self.txn.put(k, PACK_VALUE.pack(length, dead), db=self.packs_db)
         self.txn.commit()
         self.txn = self.env.begin(write=True)
-
-    def refresh(self) -> None:
-        """For a read-only store: see what writers committed since the last look."""
-        self.commit()
 
     def close(self, commit: bool = True) -> None:
         """Commit (unless told not to) and release everything, the lock last."""
