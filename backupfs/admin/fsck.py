@@ -17,7 +17,6 @@ entries of the live tree, pack tails and unknown packs, and links lost inodes in
 
 from __future__ import annotations
 
-import os
 import stat
 import time
 from collections import Counter
@@ -50,6 +49,8 @@ class FsckReport:
     checked: Counter = field(default_factory=Counter)
     repaired: list[Problem] = field(default_factory=list)
     not_repaired: list[Problem] = field(default_factory=list)
+    # What a crash leaves and the next writable open recovers by itself: not problems.
+    notes: list[Problem] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -65,6 +66,9 @@ class Fsck:
 
     def problem(self, kind: str, message: str, repair=None) -> None:
         self.report.problems.append(Problem(kind, message, repair))
+
+    def note(self, kind: str, message: str) -> None:
+        self.report.notes.append(Problem(kind, message + " (recovered when next mounted)"))
 
     def run(self) -> FsckReport:
         for line in getattr(self.store, "recovery_actions", []):
@@ -95,12 +99,10 @@ class Fsck:
         for pack_id, path in sorted(on_disk.items()):
             size = path.stat().st_size
             if pack_id not in committed:
-                self.problem("unknown-pack", f"{path.name}: pack file the index does not know",
-                             lambda path=path: path.unlink())
+                self.note("unknown-pack", f"{path.name}: pack file the index does not know")
             elif size > committed[pack_id]:
-                want = committed[pack_id]
-                self.problem("pack-tail", f"{path.name}: {size - want} bytes past its committed "
-                             f"length", lambda path=path, want=want: os.truncate(path, want))
+                self.note("pack-tail", f"{path.name}: {size - committed[pack_id]} bytes past "
+                          f"its committed length")
             elif size < committed[pack_id]:
                 self.problem("pack-truncated", f"{path.name}: {committed[pack_id] - size} "
                              f"committed bytes are missing (blocks in them are lost)")

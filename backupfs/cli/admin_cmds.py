@@ -136,8 +136,11 @@ def fsck_cmd(store, repair, as_json):
         _echo_json({"checked": dict(report.checked),
                     "problems": [p.as_dict() for p in report.problems],
                     "repaired": [p.as_dict() for p in report.repaired],
-                    "not_repaired": [p.as_dict() for p in report.not_repaired]})
+                    "not_repaired": [p.as_dict() for p in report.not_repaired],
+                    "notes": [p.as_dict() for p in report.notes]})
     else:
+        for p in report.notes:
+            click.echo(f"note     {p.kind}: {p.message}")
         for p in report.problems:
             mark = "fixed" if repair and p in report.repaired else "PROBLEM"
             click.echo(f"{mark:8} {p.kind}: {p.message}")
