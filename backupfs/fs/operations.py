@@ -90,7 +90,10 @@ class FileHandle:
 
 class BackupFS(pyfuse3.Operations):
     enable_writeback_cache = True
-    supports_dot_lookup = False
+    # NFS export: the kernel finds an inode it no longer caches (after memory pressure or
+    # a restart of the daemon) from a file handle by looking up "." in it, and a
+    # directory's parent by "..". See _dot_lookup.
+    supports_dot_lookup = True
 
     def __init__(self, store, namespace, txg: TransactionGroups | None = None,
                  writeback_cache: bool = True):
@@ -120,7 +123,49 @@ class BackupFS(pyfuse3.Operations):
     def _entry(self, attr, kernel_ino: int, slot: int) -> pyfuse3.EntryAttributes:
         timeout = inodes.SNAPSHOT_TIMEOUT if slot else inodes.LIVE_TIMEOUT
         pending = 0 if slot else self.data.pending_blocks(attr.ino)
-        return inodes.entry_attributes(attr, kernel_ino, self.block_size, timeout, pending)
+        e = inodes.entry_attributes(attr, kernel_ino, self.block_size, timeout, pending)
+        if slot:
+            e.generation = self._generation(slot)
+        return e
+
+    def _generation(self, slot: int) -> int:
+        """A snapshot's slot is only this mount's: the generation of its objects is the
+        snapshot's id, so a file handle kept across a remount (an NFS client's) that now
+        names another snapshot's object is stale, never that object. Live inode numbers
+        are never reused: their generation is 0."""
+        r = self.snapshots.record(slot)
+        if r is None:  # deleted while open: hidden, still readable
+            r = next((h for h in self.snapshots.hidden.values()
+                      if self.snapshots.slot(h.id) == slot), None)
+        return r.id & 0xFFFFFFFF if r is not None else 0
+
+    def _parent_of(self, kernel_ino: int) -> int:
+        if kernel_ino in (ROOT, SNAPSHOTS_DIR_INO):
+            return ROOT
+        if kernel_ino == LATEST_INO:
+            return SNAPSHOTS_DIR_INO
+        slot, ino, view = self._resolve(kernel_ino)
+        if slot and ino == ROOT:
+            return SNAPSHOTS_DIR_INO
+        attr = view.getattr(ino)
+        if not stat.S_ISDIR(attr.mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inodes.join(slot, attr.parent or ROOT)
+
+    def _dot_lookup(self, kernel_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """lookup(ino, ".") is ino itself, lookup(dir, "..") its parent: how the kernel
+        turns an NFS file handle (inode number and generation) back into an inode."""
+        if name == b"..":
+            kernel_ino = self._parent_of(kernel_ino)
+        if kernel_ino == SNAPSHOTS_DIR_INO:
+            return self._virtual_dir_entry()
+        if kernel_ino == LATEST_INO:
+            return self._latest_entry()
+        slot, ino, view = self._resolve(kernel_ino)
+        attr = view.getattr(ino)
+        if slot:
+            return self._entry(attr, kernel_ino, slot)
+        return self._remember(attr)
 
     def _live_entry(self, attr) -> pyfuse3.EntryAttributes:
         return inodes.entry_attributes(attr, attr.ino, self.block_size, inodes.LIVE_TIMEOUT,
@@ -196,6 +241,8 @@ class BackupFS(pyfuse3.Operations):
 
     @fuse_handler
     async def lookup(self, parent_inode, name, ctx=None):
+        if name in (b".", b".."):
+            return self._dot_lookup(parent_inode, name)
         if parent_inode == SNAPSHOTS_DIR_INO:
             kernel_ino = self.snapshots.lookup(name)
             if kernel_ino == LATEST_INO:
@@ -364,6 +411,12 @@ class BackupFS(pyfuse3.Operations):
         attr = view.getattr(ino)
         if stat.S_ISDIR(attr.mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and writable and not slot:
+            # libfuse asks for atomic O_TRUNC: the kernel sends no setattr(size=0) first.
+            async with self.gate.changing():
+                await self.data.truncate(ino, 0)
+                now = time.time_ns()
+                self.live.setattr(ino, size=0, mtime_ns=now, ctime_ns=now)
         fh = next(self._fh)
         self.files[fh] = FileHandle(inode, writable)
         if slot:
