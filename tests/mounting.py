@@ -44,12 +44,12 @@ class Mount:
     """One mounted store. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, store: Path, mountpoint: Path, *options: str, txg_interval: float = 5.0,
-                 init: bool = True, init_args: tuple[str, ...] = ()):
+                 init: bool = True, init_args: tuple[str, ...] = (), log_path: Path | None = None):
         self.store = Path(store)
         self.path = Path(mountpoint)
         self.options = options
         self.txg_interval = txg_interval
-        self.log_path = self.store.parent / f"{self.store.name}-daemon.log"
+        self.log_path = log_path or self.store.parent / f"{self.store.name}-daemon.log"
         self.proc: subprocess.Popen | None = None
         if init and not (self.store / "config.toml").exists():
             backupfs("init", self.store, *init_args)

@@ -25,21 +25,28 @@ def fuse_handler(fn):
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except CorruptBlock as e:
-            log.error("%s: read failed: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except MissingBlock as e:
-            log.error("%s: index references a missing block: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as e:
-            if e.errno is None:
-                log.exception("%s: OSError without errno", fn.__name__)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
-                log.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except Exception:
-            log.exception("%s: unexpected error, answering EIO", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise fuse_error(fn.__name__, e) from None
 
     return wrapper
+
+
+def fuse_error(handler: str, e: BaseException) -> pyfuse3.FUSEError:
+    """The FUSEError that answers for `e`, logged as it deserves."""
+    # Reads fetch blocks in a nursery: a bad block arrives wrapped in an exception group.
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) >= 1:
+        e = e.exceptions[0]
+    if isinstance(e, pyfuse3.FUSEError):
+        return e
+    if isinstance(e, CorruptBlock):
+        log.error("%s: read failed: %s", handler, e)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(e, MissingBlock):
+        log.error("%s: index references a missing block: %s", handler, e)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(e, OSError) and e.errno is not None:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            log.warning("%s: %s", handler, e)
+        return pyfuse3.FUSEError(e.errno)
+    log.error("%s: unexpected error, answering EIO", handler, exc_info=e)
+    return pyfuse3.FUSEError(errno.EIO)

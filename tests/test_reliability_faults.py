@@ -1,0 +1,178 @@
+"""Faults: a full disk, corrupted packs and index, and hostile input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mounting import Mount, backupfs
+
+pytestmark = [pytest.mark.mount, pytest.mark.reliability, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs: a disk that fills up quickly."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def write_file(path: Path, data: bytes, chunk: int = 1 << 20) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(0, len(data), chunk):
+            os.write(fd, data[i:i + chunk])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsck_clean(store: Path) -> dict:
+    r = backupfs("fsck", store, "--json", check=False)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["problems"] == [], report
+    return report
+
+
+def test_full_disk_is_enospc_and_harms_nothing(small_disk, tmp_path):
+    m = Mount(small_disk / "s", tmp_path / "mnt", log_path=tmp_path / "daemon.log").start()
+    keep = os.urandom(2_000_000)
+    write_file(m.path / "keep", keep)
+    statfs_before = os.statvfs(m.path)
+    (small_disk / "ballast").write_bytes(bytes(30 << 20))
+    with pytest.raises(OSError) as e:
+        write_file(m.path / "big", os.urandom(80 << 20))
+    assert e.value.errno == errno.ENOSPC
+    assert os.statvfs(m.path).f_bavail < statfs_before.f_bavail
+    # Nothing already stored is harmed, and metadata changes still work.
+    assert (m.path / "keep").read_bytes() == keep
+    (m.path / "dir").mkdir()
+    os.rename(m.path / "dir", m.path / "dir2")
+    # Space freed (the ballast, and the failed file): writes resume.
+    (m.path / "big").unlink()
+    (small_disk / "ballast").unlink()
+    after = os.urandom(5_000_000)
+    write_file(m.path / "after", after)
+    m.stop()
+    fsck_clean(m.store)
+    m.start()
+    assert (m.path / "keep").read_bytes() == keep
+    assert (m.path / "after").read_bytes() == after
+    assert (m.path / "dir2").is_dir()
+    m.stop()
+
+
+def test_flipped_bytes_in_packs_give_eio_never_wrong_bytes(mount_factory):
+    m = mount_factory("flip", init_args=("--block-size", "4K")).start()
+    files = {f"f{i}": os.urandom(random.randrange(1, 200_000)) for i in range(30)}
+    for name, data in files.items():
+        write_file(m.path / name, data)
+    m.stop()
+    rng = random.Random(7)
+    packs = sorted((m.store / "packs").rglob("*.pack"))
+    for _ in range(40):
+        pack = rng.choice(packs)
+        size = pack.stat().st_size
+        with open(pack, "r+b") as f:
+            pos = rng.randrange(16, size)  # past the pack header
+            f.seek(pos)
+            b = f.read(1)
+            f.seek(pos)
+            f.write(bytes([b[0] ^ (1 << rng.randrange(8))]))
+    m.start()
+    eio = good = 0
+    for name, data in files.items():
+        try:
+            got = (m.path / name).read_bytes()
+        except OSError as e:
+            assert e.errno == errno.EIO
+            eio += 1
+            continue
+        assert got == data, f"{name}: wrong bytes returned"
+        good += 1
+    assert eio > 0 and good > 0
+    m.stop()
+    m.check_log()
+    # verify names exactly the files that gave EIO.
+    r = backupfs("verify", m.store, "--json", check=False)
+    assert r.returncode == 1
+    named = {u.split(": /")[1] for b in json.loads(r.stdout)["bad"] for u in b["used_by"]}
+    assert len(named) == eio
+
+
+def test_a_damaged_index_is_a_clear_refusal(mount_factory, tmp_path):
+    m = mount_factory("lmdb").start()
+    (m.path / "f").write_bytes(b"x" * 1000)
+    m.stop()
+    data = m.store / "index.lmdb" / "data.mdb"
+    with open(data, "r+b") as f:  # both meta pages: LMDB cannot find a valid root
+        for page in (0, 4096):
+            f.seek(page + 16)
+            f.write(os.urandom(64))
+    r = backupfs("mount", m.store, tmp_path / "mnt2", check=False)
+    (tmp_path / "mnt2").mkdir(exist_ok=True)
+    r = backupfs("mount", m.store, tmp_path / "mnt2", check=False)
+    assert r.returncode != 0
+    assert r.stderr.startswith("backupfs: ") and "Traceback" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = backupfs("fsck", m.store, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_hostile_names_deep_trees_and_huge_sparse_files(mounted):
+    root = mounted.path
+    d = root / "names"
+    d.mkdir()
+    names = [bytes([b]) + b"x" for b in range(1, 256) if b != ord("/")]
+    names += [b"\xff" * 255, b"a" * 255, "ünïcødé".encode(), b"sp ace", b"-dash", b"\n"]
+    for n in names:
+        with open(os.path.join(bytes(d), n), "wb") as f:
+            f.write(n)
+    assert sorted(os.listdir(bytes(d))) == sorted(names)
+    for n in names:
+        with open(os.path.join(bytes(d), n), "rb") as f:
+            assert f.read() == n
+    with pytest.raises(OSError) as e:
+        open(os.path.join(bytes(d), b"b" * 256), "wb")
+    assert e.value.errno == errno.ENAMETOOLONG
+    # 1,000 levels deep (paths past PATH_MAX are walked relative to a directory fd).
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(1000):
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        f.write(b"deep")
+    os.close(fd)
+    # 0 B and 20 GiB sparse.
+    (root / "empty").write_bytes(b"")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(20 << 30)
+        f.seek((20 << 30) - 4)
+        f.write(b"tail")
+    st = os.stat(root / "sparse")
+    assert st.st_size == 20 << 30 and st.st_blocks * 512 < 1 << 20
+    with open(root / "sparse", "rb") as f:
+        f.seek(10 << 30)
+        assert f.read(4096) == bytes(4096)
+        f.seek((20 << 30) - 4)
+        assert f.read() == b"tail"
+    name = backupfs("snapshot", root).stdout.strip()
+    snap = root / "snapshots" / name
+    assert sorted(os.listdir(bytes(snap / "names"))) == sorted(names)
+    assert os.stat(snap / "sparse").st_size == 20 << 30
+    # Remove the deep tree again (rm -rf recurses 1,000 levels).
+    subprocess.run(["rm", "-rf", str(root / "d")], check=True)
+    assert not (root / "d").exists()
+    mounted.stop()
+    fsck_clean(mounted.store)
