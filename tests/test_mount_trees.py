@@ -200,3 +200,28 @@ def test_fsync_of_one_file_commits_closed_files_whole(mount_factory):
     assert (m.path / "synced").read_bytes() == b"s"
     assert (m.path / "other").read_bytes() == other
     m.stop()
+
+
+def test_truncations_reach_the_store(mount_factory):
+    """Every way of truncating is seen by the daemon, not only by the kernel's cache:
+    after a remount the sizes and bytes are the ones the programs left."""
+    m = mount_factory().start()
+    old = os.urandom(3 * BS + 5)
+    for name in ("otrunc", "shell", "ftrunc", "trunc", "grow"):
+        (m.path / name).write_bytes(old)
+    fd = os.open(m.path / "otrunc", os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new")
+    os.close(fd)
+    subprocess.run(f"echo x > {m.path / 'shell'}", shell=True, check=True)
+    with open(m.path / "ftrunc", "r+b") as f:
+        f.truncate(BS + 1)
+    os.truncate(m.path / "trunc", 10)
+    os.truncate(m.path / "grow", 5 * BS)
+    m.stop()
+    m.start()
+    assert (m.path / "otrunc").read_bytes() == b"new"
+    assert (m.path / "shell").read_bytes() == b"x\n"
+    assert (m.path / "ftrunc").read_bytes() == old[:BS + 1]
+    assert (m.path / "trunc").read_bytes() == old[:10]
+    assert (m.path / "grow").read_bytes() == old + bytes(5 * BS - len(old))
+    m.stop()
