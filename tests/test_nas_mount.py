@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 HELPER = Path("/sbin/mount.fuse.backupfs")
 UNIT = REPO / "contrib" / "systemd" / "backupfs@.service"
 # What mount(8) and systemd add or keep in fstab, which must never reach FUSE.
-FSTAB_NOISE = "defaults,rw,suid,dev,exec,auto,nouser,async,_netdev,nofail," \
+FSTAB_NOISE = "defaults,rw,suid,dev,exec,auto,user,users,owner,async,_netdev,nofail," \
               "x-systemd.requires=local-fs.target,x-systemd.mount-timeout=2min,comment=x"
 
 
