@@ -292,3 +292,19 @@ def test_sigterm_after_unmount_does_not_kill_the_final_flush(root):
             force_unmount(mnt)
             daemon.kill()
             daemon.wait()
+
+
+def test_helper_keeps_fuse_options_and_drops_mount_ones(capsys):
+    from backupfs.cli.mount_helper import main as helper
+
+    # -f (fake): say what would run, mount nothing. Options may come before the paths.
+    assert helper(["-f", "-o", f"{FSTAB_NOISE},allow_other,ro,noatime,txg_interval=2,"
+                   "log_file=/var/log/b.log,control_group=backup",
+                   "backupfs#/srv/store", "/mnt/b", "-t", "fuse.backupfs", "-n"]) == 0
+    cmd = capsys.readouterr().err.split()
+    assert cmd[cmd.index("mount"):] == [
+        "mount", "--txg-interval", "2", "--log-file", "/var/log/b.log",
+        "--control-group", "backup", "-o", "rw,suid,dev,exec,allow_other,ro,noatime",
+        "/srv/store", "/mnt/b"]
+    assert helper(["/srv/store"]) == 1
+    assert helper(["/srv/store", "/mnt/b", "-t", "fuse.sshfs", "-f"]) == 1

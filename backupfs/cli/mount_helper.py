@@ -52,14 +52,12 @@ def translate(options: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # mount(8) puts STORE and MOUNTPOINT first; getopt stops at the first non-option.
-    positional = [a for a in argv[:2] if not a.startswith("-")]
     try:
-        opts, rest = getopt.gnu_getopt(argv[len(positional):], "sfnvo:t:N:")
+        # mount(8) puts STORE and MOUNTPOINT first; options may come anywhere.
+        opts, positional = getopt.gnu_getopt(argv, "sfnvo:t:N:")
     except getopt.GetoptError as e:
         print(f"mount.fuse.backupfs: {e}\n{USAGE}", file=sys.stderr)
         return 1
-    positional += rest
     if len(positional) != 2:
         print(USAGE, file=sys.stderr)
         return 1
