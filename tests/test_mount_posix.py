@@ -60,6 +60,15 @@ def shared_mount(tmp_path_factory):
     try:
         m.start()
         yield m
+        # Everything the tests left must be what a new daemon reads from the store: the
+        # kernel's caches (writeback, attributes) must not have hidden a lost update.
+        before = tree_state(m.path)
+        m.stop()
+        m.start()
+        after = tree_state(m.path)
+        assert sorted(before) == sorted(after)
+        for path in before:
+            assert before[path] == after[path], path
     except BaseException:
         m.cleanup()
         raise
@@ -68,6 +77,37 @@ def shared_mount(tmp_path_factory):
     finally:
         if not os.path.ismount(top / "mnt"):
             shutil.rmtree(top, ignore_errors=True)
+
+
+def tree_state(root: Path) -> dict:
+    """What each object under root looks like: metadata, xattrs, and its bytes (of huge
+    sparse files, the first and last MiB)."""
+    import hashlib
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [n for n in dirnames if n != "snapshots"]
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            item = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink, st.st_rdev,
+                    st.st_mtime_ns)
+            if stat.S_ISLNK(st.st_mode):
+                item += (os.readlink(p),)
+            else:
+                item += (sorted((k, os.getxattr(p, k)) for k in os.listxattr(p)),)
+            if stat.S_ISREG(st.st_mode):
+                h = hashlib.blake2b()
+                with open(p, "rb") as f:
+                    if st.st_size <= 64 << 20:
+                        h.update(f.read())
+                    else:
+                        h.update(f.read(1 << 20))
+                        f.seek(st.st_size - (1 << 20))
+                        h.update(f.read())
+                item += (h.hexdigest(),)
+            out[p] = item
+    return out
 
 
 @pytest.fixture

@@ -127,7 +127,9 @@ class FileContents:
             self.dirty_bytes += self.block_size
             return buf
 
-    async def write(self, ino: int, offset: int, data: bytes, now_ns: int) -> int:
+    async def write(self, ino: int, offset: int, data: bytes, now_ns: int | None) -> int:
+        """Write into the buffers; `now_ns` None leaves mtime/ctime alone (with the
+        kernel's writeback cache the kernel keeps them and sends them in a setattr)."""
         bs = self.block_size
         bufs = self._bufs(ino)
         end = offset + len(data)
@@ -144,7 +146,12 @@ class FileContents:
             if hi == bs:
                 full.append(n)
         attr = self.ns.live.getattr(ino)
-        self.ns.live.setattr(ino, size=max(attr.size, end), mtime_ns=now_ns, ctime_ns=now_ns)
+        if now_ns is None:
+            if end > attr.size:
+                self.ns.live.setattr(ino, size=end)
+        else:
+            self.ns.live.setattr(ino, size=max(attr.size, end), mtime_ns=now_ns,
+                                 ctime_ns=now_ns)
         if full:
             await self.seal(ino, full)
         if self.dirty_bytes > self.dirty_limit:

@@ -442,7 +442,12 @@ class BackupFS(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self._handle(fh)
         ino = self._writable(h.kernel_ino)
-        return await self.data.write(ino, off, buf, time.time_ns())
+        # With the writeback cache the kernel owns mtime and ctime: it sets them at write()
+        # and sends them in a setattr, which may reach us before the WRITE of the same
+        # data (both are in flight at once). Stamping "now" here would then overwrite
+        # the kernel's time with a later one, and a remount shows another mtime.
+        now = None if self.enable_writeback_cache else time.time_ns()
+        return await self.data.write(ino, off, buf, now)
 
     @fuse_handler
     async def flush(self, fh):
