@@ -177,7 +177,7 @@ def main() -> None:
     raw, store = work / "raw", work / "store"
     mnt_b, mnt_m = work / "mnt-backupfs", work / "mnt-memfs"
     for p in (raw, mnt_b, mnt_m):
-        p.mkdir()
+        p.mkdir(exist_ok=False)
     print(f"generating {size / 2**20:.0f} MiB of mixed data ...", flush=True)
     data = mixed_data(size)
     memfs = None
@@ -221,7 +221,10 @@ def main() -> None:
 
     keys = [k for k in results["raw"]]
     print()
-    print(f"size {size / 2**20:.0f} MiB, {args.files} small files")
+    load = os.getloadavg()
+    print(f"size {size / 2**20:.0f} MiB, {args.files} small files, "
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs "
+          f"(other work on the machine depresses every column)")
     head = f"{'measure':28} {'raw':>10} {'memfs':>10} {'backupfs':>10} {'bfs/raw':>8} {'bfs/mem':>8}"
     print(head)
     print("-" * len(head))
@@ -235,8 +238,9 @@ def main() -> None:
           f"(written: {size / 1e6:.0f} MB sequential, then small files)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": size, "files": args.files, "results": results,
-                       "ratios": ratios}, f, indent=2)
+            json.dump({"size": size, "files": args.files, "loadavg": load,
+                       "cpus": os.cpu_count(), "results": results, "ratios": ratios},
+                      f, indent=2)
         print(f"wrote {args.json}")
 
 
