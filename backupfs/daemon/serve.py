@@ -191,8 +191,10 @@ class Daemon:
     async def control_snapshot(self, label: str | None = None, hold: bool = False) -> dict:
         # What the kernel still holds in its writeback cache was written before this
         # request: make it reach us before the gate closes.
+        torn_since = self.ops.data.writes + 1
         await trio.to_thread.run_sync(_syncfs, self.mountpoint)
-        record = await self.ops.take_snapshot(label=label, hold=bool(hold))
+        record = await self.ops.take_snapshot(label=label, hold=bool(hold),
+                                              torn_since=torn_since)
         log.info("snapshot %s taken (epoch %d%s)", record.name, record.epoch,
                  f", label {label!r}" if label else "")
         return snapshot_dict(record)

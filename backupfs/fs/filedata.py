@@ -22,6 +22,10 @@ from ..store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_DIRTY_LIMIT = 256 * 1024 * 1024
+# Gaps a late page of the writeback cache can leave (at most a large folio), and how
+# many are remembered per file.
+MAX_TORN_GAP = 2 * 1024 * 1024
+MAX_GAPS = 64
 
 
 @dataclass(eq=False)
@@ -34,6 +38,9 @@ class InodeBuffers:
     # Bumped on every change to `dirty` or `sealing`: a read-modify-write that awaited
     # a stored block retries if the buffers moved under it.
     changes: int = 0
+    # [start, end, write number]: byte ranges below the size that no write has filled,
+    # opened by a write past the end (see `torn_ends`).
+    gaps: list[list[int]] = field(default_factory=list)
 
 
 class FileContents:
@@ -44,6 +51,7 @@ class FileContents:
         self.dirty_limit = dirty_limit
         self.buffers: dict[int, InodeBuffers] = {}
         self.dirty_bytes = 0
+        self.writes = 0  # writes ever received: numbers the gaps they open
 
     # -- reading ---------------------------------------------------------------------
 
@@ -135,6 +143,8 @@ class FileContents:
         end = offset + len(data)
         view = memoryview(data)
         full = []
+        self.writes += 1
+        self._track_gaps(bufs, offset, end, self.ns.live.getattr(ino).size)
         for n in range(offset // bs, (end - 1) // bs + 1 if data else offset // bs):
             start = n * bs
             lo, hi = max(offset, start) - start, min(end, start + bs) - start
@@ -159,6 +169,40 @@ class FileContents:
             # with many small files, seal one file per write from here on.)
             await self.flush_all()
         return len(data)
+
+    def _track_gaps(self, bufs: InodeBuffers, offset: int, end: int, size: int) -> None:
+        if offset > size and offset - size <= MAX_TORN_GAP:
+            bufs.gaps.append([size, offset, self.writes])
+            del bufs.gaps[:-MAX_GAPS]
+        if bufs.gaps and end > offset:
+            left = []
+            for a, b, k in bufs.gaps:
+                if end <= a or offset >= b:
+                    left.append([a, b, k])
+                    continue
+                if a < offset:
+                    left.append([a, offset, k])
+                if end < b:
+                    left.append([end, b, k])
+            bufs.gaps = left
+
+    def torn_ends(self, since: int) -> dict[int, int]:
+        """For a snapshot: where each file's gap-free part ends, for the files that have a
+        gap opened by write number `since` or later.
+
+        With the kernel's writeback cache, appended pages can reach us out of order: the
+        page after a re-dirtied one may arrive first, leaving a gap of zeros that the late
+        page fills a moment later. A snapshot taken in that moment would hold later data
+        behind a hole, so it ends such a file where the gap begins. Gaps opened before
+        `since` (before the snapshot's syncfs began) outlived the syncfs: they are holes
+        meant to be, and are forgotten."""
+        out = {}
+        for ino, bufs in self.buffers.items():
+            if bufs.gaps:
+                bufs.gaps = [g for g in bufs.gaps if g[2] >= since]
+                if bufs.gaps:
+                    out[ino] = min(a for a, _, _ in bufs.gaps)
+        return out
 
     async def seal(self, ino: int, blocknos) -> None:
         """Store the given dirty blocks of one inode and enter them in the block map."""
@@ -220,6 +264,7 @@ class FileContents:
         the end of the file keeps no bytes beyond it. The caller then sets the size."""
         bs = self.block_size
         bufs = self._bufs(ino)
+        bufs.gaps = [[a, min(b, new_size), k] for a, b, k in bufs.gaps if a < new_size]
         keep_block, tail = divmod(new_size, bs)
         old_size = self.ns.live.getattr(ino).size
         if tail and new_size < old_size:

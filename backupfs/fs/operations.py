@@ -631,11 +631,30 @@ class BackupFS(pyfuse3.Operations):
         await self.data.flush_all()
         await self.txg.commit()
 
-    async def take_snapshot(self, label: str | None = None, hold: bool = False):
-        """Snapshot the live tree at one point in time and make it durable."""
+    async def take_snapshot(self, label: str | None = None, hold: bool = False,
+                            torn_since: int | None = None):
+        """Snapshot the live tree at one point in time and make it durable.
+
+        `torn_since`: the number of the first write received after the caller began its
+        syncfs; a file with a gap opened since then is ended at the gap in the snapshot
+        (see FileContents.torn_ends), so a snapshot never holds data behind a hole that
+        the kernel is still to fill."""
         async with self.gate.closed():
             await self.data.flush_all()
+            restore = {}
+            if torn_since is not None:
+                for ino, end in self.data.torn_ends(torn_since).items():
+                    attr = self.live.getattr(ino)
+                    if end < attr.size:
+                        # Only the size: the blocks stay (setattr would drop them).
+                        self.live._put(attr.changed(size=end))
+                        restore[ino] = attr.size
             record = self.ns.snapshot(label=label, hold=hold)
+            if restore:
+                log.info("snapshot %s: %d files end where the kernel has yet to fill a gap",
+                         record.name, len(restore))
+            for ino, size in restore.items():
+                self.live.setattr(ino, size=size)
             await self.txg.commit()
         self.snapshots.refresh()
         return record
