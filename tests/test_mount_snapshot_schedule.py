@@ -34,8 +34,8 @@ def test_one_second_schedule_keeps_last_two(mount_factory):
     deadline = time.monotonic() + 30
     while True:
         assert time.monotonic() < deadline, f"schedule did not run:\n{m.log()}"
-        taken = from_log(m, "scheduled snapshot")
         snaps = listed(m)
+        taken = from_log(m, "scheduled snapshot")   # after: it has all that was listed
         assert len(snaps) <= 3          # at most one taken and not yet pruned
         if len(taken) >= 4 and len(snaps) == 2:
             break
