@@ -38,7 +38,11 @@ def content(seed: int, seq: int, size: int) -> bytes:
 def manifest(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every regular file, symlink target for symlinks."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def fail(e: OSError) -> None:
+        raise e  # a snapshot that cannot be listed is a failure, not an empty manifest
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         for name in filenames:
             p = Path(dirpath) / name
             rel = str(p.relative_to(root))
@@ -61,6 +65,9 @@ class Journal:
 
 def run(mnt: Path, journal: Journal, seed: int, snapshot_every: float) -> None:
     rng = random.Random(seed)
+    # Once the dead mount is detached, the path is a plain directory again: a write
+    # that lands there must not be journaled as stored.
+    device = os.stat(mnt).st_dev
     (mnt / "dur").mkdir(exist_ok=True)
     (mnt / "churn").mkdir(exist_ok=True)
     seq = int(time.time() * 1000) % 10**9  # new names in every cycle
@@ -78,6 +85,8 @@ def run(mnt: Path, journal: Journal, seed: int, snapshot_every: float) -> None:
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
+                if os.fstat(fd).st_dev != device:
+                    raise OSError(f"{mnt} is no longer the mount")
             finally:
                 os.close(fd)
             journal.write("file", name=name, seed=seed, seq=seq, size=len(data),
