@@ -195,3 +195,26 @@ async def test_corrupt_block_is_eio_never_bad_bytes(fs):
     with pytest.raises(pyfuse3.FUSEError) as e:
         await fs.read(fh, 0, BS)
     assert e.value.errno == errno.EIO
+
+
+async def test_commit_with_a_full_disk_keeps_data_buffered_and_commits_metadata(fs, monkeypatch):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"unsealed")
+    real_put_many = fs.store.blocks.put_many
+
+    async def full(blocks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs.store.blocks, "put_many", full)
+    await fs.mkdir(ROOT, b"made-while-full", stat.S_IFDIR | 0o755, CTX)
+    commits = fs.txg.commits
+    with pytest.raises(OSError) as e:
+        await fs.txg.commit()
+    assert e.value.errno == errno.ENOSPC
+    assert fs.txg.commits == commits + 1          # the metadata went in all the same
+    assert fs.data.has_dirty(ino)                 # the bytes wait, nothing lost
+    assert await fs.read(fh, 0, 100) == b"unsealed"
+    monkeypatch.setattr(fs.store.blocks, "put_many", real_put_many)
+    await fs.txg.commit()                         # space again: stored
+    assert not fs.data.has_dirty(ino)
+    assert await fs.read(fh, 0, 100) == b"unsealed"

@@ -140,18 +140,31 @@ class Daemon:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         await ops.finish_deletes()
-        await ops.flush_everything()
+        try:
+            await ops.flush_everything()
+        except OSError as e:
+            dirty = sum(1 for b in ops.data.buffers.values() if b.dirty)
+            log.error("unmounting: buffered data of %d files could not be stored (%s); "
+                      "everything else is committed", dirty, e)
         while ops.ns.collect_garbage(GC_BUDGET):
             await ops.txg.commit()
         await ops.txg.commit()
 
     async def _txg_timer(self) -> None:
+        full = False
         while True:
             await trio.sleep(self.txg_interval)
             try:
                 await self.ops.flush_everything()
                 if self.ops.ns.collect_garbage(GC_BUDGET):
                     await self.ops.txg.commit()
+                full = False
+            except OSError as e:
+                # A full disk: the metadata committed, buffered bytes wait for space.
+                # One line when it starts, not a traceback every few seconds.
+                if not full:
+                    log.warning("transaction group: buffered data not stored: %s", e)
+                full = True
             except Exception:
                 # The next fsync or group will try again; the mount must stay up.
                 log.exception("transaction group failed")

@@ -627,8 +627,8 @@ class BackupFS(pyfuse3.Operations):
     # -- whole-filesystem operations used by the daemon ------------------------------
 
     async def flush_everything(self) -> None:
-        """Seal all buffered data and close the transaction group."""
-        await self.data.flush_all()
+        """Seal all buffered data and close the transaction group (the commit seals
+        first, and still commits the metadata when the disk is full)."""
         await self.txg.commit()
 
     async def take_snapshot(self, label: str | None = None, hold: bool = False,

@@ -29,11 +29,19 @@ class TransactionGroups:
 
     async def commit(self) -> None:
         async with self._lock:
+            failed = None
             if self.seal is not None:
-                await self.seal()
+                try:
+                    await self.seal()
+                except OSError as e:
+                    # A full disk: the bytes stay buffered (and are retried), but the
+                    # metadata, deletes that free space above all, must still commit.
+                    failed = e
             plan = self.store.packs.plan_sync()
             if plan.files or plan.dirs:
                 await trio.to_thread.run_sync(plan.run)
             self.store.packs.record_synced(plan)
             self.store.commit()
             self.commits += 1
+            if failed is not None:
+                raise failed
