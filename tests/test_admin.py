@@ -212,3 +212,21 @@ def test_compact_under_a_running_mount(mount_factory):
     m.start()
     for name, data in keep.items():
         assert (m.path / name).read_bytes() == data
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_verify_and_stats_on_a_running_mount(mounted):
+    (mounted.path / "a").write_bytes(os.urandom(500_000))
+    (mounted.path / "b").write_bytes(b"text " * 100_000)
+    backupfs("snapshot", mounted.path)
+    (mounted.path / "a").write_bytes(os.urandom(500_000))   # not yet committed: verify
+    r = json.loads(backupfs("verify", mounted.path, "--json").stdout)  # must see it
+    assert r["finished"] and r["bad"] == [] and r["checked"] >= 12
+    st = json.loads(backupfs("stats", mounted.path, "--json").stdout)
+    assert st["live"]["logical_bytes"] == 1_000_000
+    assert st["snapshots"][0]["logical_bytes"] == 1_000_000
+    assert st["snapshots"][0]["unique_bytes"] > 400_000   # the first `a` only it keeps
+    assert st["daemon"]["checksum_errors"] == 0
+    # The mount kept serving throughout.
+    assert (mounted.path / "b").read_bytes() == b"text " * 100_000
