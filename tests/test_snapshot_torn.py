@@ -9,27 +9,10 @@ kernel."""
 from __future__ import annotations
 
 import os
-import stat
 from types import SimpleNamespace
 
-import pyfuse3
-import pytest
-
-from backupfs.fs import BackupFS, inodes
-from backupfs.namespace import Namespace
-from backupfs.store import Store
-
-ROOT = pyfuse3.ROOT_INODE
-CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
-
-
-@pytest.fixture
-def fs(tmp_path):
-    Store.init(tmp_path / "store", block_size=4096)
-    store = Store.open(tmp_path / "store")
-    ops = BackupFS(store, Namespace(store))
-    yield ops
-    store.close(commit=False)
+from backupfs.fs import inodes
+from test_fs_operations import CTX, fields, fs, new_file  # noqa: F401  (fs is a fixture)
 
 
 async def snapshot_contents(fs, record, ino) -> bytes:
@@ -43,8 +26,7 @@ async def snapshot_contents(fs, record, ino) -> bytes:
 
 
 async def test_a_gap_opened_after_the_syncfs_ends_the_file_in_the_snapshot(fs):
-    info, entry = await fs.create(ROOT, b"log", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
-    fh, ino = info.fh, entry.st_ino
+    fh, ino = await new_file(fs, b"log")
     await fs.write(fh, 0, b"a" * 100)
     since = fs.data.writes + 1               # the snapshot's syncfs begins here
     await fs.write(fh, 8192, b"c" * 50)      # a later page arrives first: gap 100..8192
@@ -61,16 +43,13 @@ async def test_a_gap_opened_after_the_syncfs_ends_the_file_in_the_snapshot(fs):
 
 
 async def test_a_hole_older_than_the_syncfs_is_meant(fs):
-    info, entry = await fs.create(ROOT, b"sparse", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
-    fh, ino = info.fh, entry.st_ino
+    fh, ino = await new_file(fs, b"sparse")
     await fs.write(fh, 0, b"x" * 10)
     await fs.write(fh, 5000, b"y" * 10)      # before the snapshot began: a real hole
     record = await fs.take_snapshot(torn_since=fs.data.writes + 1)
     assert await snapshot_contents(fs, record, ino) == b"x" * 10 + bytes(4990) + b"y" * 10
     # ... and one made by truncate is no gap at all.
-    await fs.setattr(ino, SimpleNamespace(st_size=20000), SimpleNamespace(
-        update_size=True, update_mode=False, update_uid=False, update_gid=False,
-        update_atime=False, update_mtime=False, update_ctime=False), None, CTX)
+    await fs.setattr(ino, SimpleNamespace(st_size=20000), fields(update_size=True), None, CTX)
     since = fs.data.writes + 1
     await fs.write(fh, 30000, b"z")          # a gap opened after: 20000..30000
     record = await fs.take_snapshot(torn_since=since)
