@@ -646,15 +646,14 @@ class BackupFS(pyfuse3.Operations):
                 for ino, end in self.data.torn_ends(torn_since).items():
                     attr = self.live.getattr(ino)
                     if end < attr.size:
-                        # Only the size: the blocks stay (setattr would drop them).
-                        self.live._put(attr.changed(size=end))
+                        self.live.set_size_keeping_blocks(ino, end)
                         restore[ino] = attr.size
             record = self.ns.snapshot(label=label, hold=hold)
             if restore:
                 log.info("snapshot %s: %d files end where the kernel has yet to fill a gap",
                          record.name, len(restore))
             for ino, size in restore.items():
-                self.live.setattr(ino, size=size)
+                self.live.set_size_keeping_blocks(ino, size)
             await self.txg.commit()
         self.snapshots.refresh()
         return record

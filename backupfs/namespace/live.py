@@ -223,6 +223,12 @@ class LiveView(NamespaceView):
             attr = attr.changed(stored_blocks=attr.stored_blocks - dropped)
         return self._put(attr.changed(**changes))
 
+    def set_size_keeping_blocks(self, ino: int, size: int) -> Attr:
+        """Change only the recorded size: blocks past a smaller size stay, so growing
+        back to the old size shows the same bytes (readers never look past the size).
+        For the filesystem's snapshot of a file the kernel has yet to finish writing."""
+        return self._put(self.getattr(ino).changed(size=size))
+
     def _drop_blocks_from(self, ino: int, first: int) -> int:
         prefixes = [rec.block_prefix(ino, n) for n, _ in self.block_range(ino, first)]
         for prefix in prefixes:
