@@ -16,8 +16,6 @@ import click
 from ..daemon.mountinfo import mounts_of_store
 from ..daemon.protocol import ControlClient, NoDaemon
 from ..errors import BackupfsError, StoreInUse
-from ..namespace import Namespace
-from ..store import Store
 from . import main
 from .target import resolve_store
 
@@ -46,13 +44,23 @@ def _current(target: str) -> Path:
     return path
 
 
+def _open(path: Path, readonly: bool = True):
+    """(Store, Namespace) of a store. Imported here: the store layer pulls in trio and
+    LMDB, which commands that only talk to the daemon should not pay for at startup."""
+    from ..namespace import Namespace
+    from ..store import Store
+
+    store = Store.open(path, readonly=readonly)
+    return store, Namespace(store)
+
+
 @contextmanager
 def reading(target: str):
     """(store, namespace) of a store, read-only, current as of now."""
     path = _current(target)
-    store = Store.open(path, readonly=True)
+    store, ns = _open(path)
     try:
-        yield store, Namespace(store)
+        yield store, ns
     finally:
         store.close()
 
@@ -121,11 +129,11 @@ def fsck_cmd(store, repair, as_json):
 
     path = resolve_store(store)
     try:
-        s = Store.open(path, readonly=not repair)
+        s, ns = _open(path, readonly=not repair)
     except StoreInUse:
         raise BackupfsError(f"{store}: the store is mounted; unmount it to repair") from None
     try:
-        checker = Fsck(s, Namespace(s))
+        checker = Fsck(s, ns)
         report = checker.run()
         if repair:
             checker.repair()
@@ -214,6 +222,8 @@ def compact_cmd(target, threshold, as_json):
     if daemon is not None:
         result = daemon.call("compact", threshold=threshold)
     else:
+        from ..store import Store
+
         with Store.open(path) as store, \
                 progress_bar("compact", unit="pack") as bar:
             def progress(done, total):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..namespace import Namespace
-from ..store import Store, parse_size
-from ..store.config import DEFAULT_COMPRESSION
+from ..store.config import DEFAULT_COMPRESSION, parse_size
 from . import main
 
 
@@ -18,6 +16,9 @@ from . import main
               help="zstd:LEVEL (-7..22) or none.")
 def init_cmd(store: str, block_size: str, compression: str) -> None:
     """Create a new, empty store in STORE (a new or empty directory)."""
+    from ..namespace import Namespace
+    from ..store import Store
+
     config = Store.init(store, block_size=parse_size(block_size), compression=compression)
     with Store.open(store) as s:
         Namespace(s)  # the root directory and the namespace's databases
