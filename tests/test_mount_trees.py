@@ -5,6 +5,7 @@ metadata a backup must keep; and a crash loses nothing that was fsynced.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -225,3 +226,40 @@ def test_truncations_reach_the_store(mount_factory):
     assert (m.path / "trunc").read_bytes() == old[:10]
     assert (m.path / "grow").read_bytes() == old + bytes(5 * BS - len(old))
     m.stop()
+
+
+def test_small_writes_to_a_full_disk_fail_at_close_not_only_at_fsync(mount_factory, tmp_path):
+    """Small files are buffered, not stored, at close; still a write the disk has no room
+    for is refused when it reaches the daemon (the close reports it), as ext4 refuses it
+    at write time, rather than vanish into a buffer that only an fsync would question."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], check=True)
+    try:
+        from mounting import Mount
+        m = Mount(disk / "s", tmp_path / "mnt")
+        m.start()
+        try:
+            st = os.statvfs(disk)
+            reserve = min(256 << 20, int(st.f_blocks * st.f_frsize * 0.02))
+            ballast = st.f_bavail * st.f_frsize - reserve - (64 << 10)
+            (disk / "ballast").write_bytes(bytes(ballast))
+            failed = None
+            for i in range(200):
+                try:
+                    with open(m.path / f"f{i}", "wb") as f:
+                        f.write(os.urandom(4096))
+                except OSError as e:
+                    failed = (i, e.errno)
+                    break
+            assert failed is not None and failed[1] == errno.ENOSPC, failed
+            (disk / "ballast").unlink()
+            (m.path / "after").write_bytes(b"room again")
+            m.stop()
+            m.start()
+            assert (m.path / "after").read_bytes() == b"room again"
+            m.stop()
+        finally:
+            m.cleanup()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -12,6 +12,7 @@ its end, up to the file size, read as zeros. All-zero blocks are stored as holes
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
 
@@ -138,6 +139,13 @@ class FileContents:
     async def write(self, ino: int, offset: int, data: bytes, now_ns: int | None) -> int:
         """Write into the buffers; `now_ns` None leaves mtime/ctime alone (with the
         kernel's writeback cache the kernel keeps them and sends them in a setattr)."""
+        if self.store.packs.free_bytes() < self.dirty_bytes + len(data):
+            # Near a full disk, refuse a write we may not be able to store (as ext4
+            # reserves blocks at write time), rather than buffer it and fail only at the
+            # next fsync. Sealing what is buffered first tells how much really fits.
+            await self.flush_all()
+            if self.store.packs.free_bytes() < len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (the store's disk)")
         bs = self.block_size
         bufs = self._bufs(ino)
         end = offset + len(data)
