@@ -71,6 +71,8 @@ class Namespace:
         self._snapshot_epochs = self.catalog.epochs()
         if self._counter(_EPOCH) is None:
             self._format()
+        # Read on every versioned write: kept in memory, changed only by `snapshot`.
+        self._epoch = self._counter(_EPOCH)
         self.live = LiveView(self)
 
     # -- counters --------------------------------------------------------------------
@@ -86,6 +88,7 @@ class Namespace:
         """An empty tree: the root directory, owned by root, mode 0755."""
         now = time.time_ns()
         self._set_counter(_EPOCH, FIRST_EPOCH)
+        self._epoch = FIRST_EPOCH
         self._set_counter(_NEXT_INO, ROOT_INO + 1)
         self._set_counter(_NEXT_SNAPSHOT, 1)
         root = Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 0, 2, 0, now, now, now,
@@ -95,7 +98,7 @@ class Namespace:
     @property
     def epoch(self) -> int:
         """The live epoch: every change now is born in it."""
-        return self._counter(_EPOCH)
+        return self._epoch
 
     def allocate_ino(self) -> int:
         ino = self._counter(_NEXT_INO)
@@ -123,6 +126,7 @@ class Namespace:
         record = self.catalog.add(snap_id, epoch, label, hold, now_ns)
         self._snapshot_epochs.append(epoch)
         self._set_counter(_EPOCH, epoch + 1)
+        self._epoch = epoch + 1
         return record
 
     def snapshots(self) -> list[SnapshotRecord]:
