@@ -27,7 +27,7 @@ from ..namespace import ROOT_INO
 from ..namespace.check import check_versions
 from ..namespace.records import U64, entry_prefix, inode_prefix, pack_inode, unpack_inode
 from ..store import codec
-from ..store.blockstore import DEAD_KEY, BlockLocation
+from ..store.blockstore import BlockLocation
 from .progress import progress_bar
 
 LOST_FOUND = b"lost+found"
@@ -135,13 +135,13 @@ class Fsck:
                 if loc.refcount != want:
                     self.problem("refcount", f"block {loc.hash.hex()}: refcount {loc.refcount}, "
                                  f"but {want} references", lambda loc=loc, want=want:
-                                 self._set_refcount(loc, want))
+                                 self.store.blocks.set_refcount(loc, want))
                 if loc.refcount == 0:
                     dead_by_pack[loc.pack_id] += loc.record_len
-                    if not self._in_dead_index(loc):
+                    if not self.store.blocks.in_dead_index(loc):
                         self.problem("dead-index", f"block {loc.hash.hex()} at refcount 0 is "
                                      f"not in the dead index",
-                                     lambda loc=loc: self._put_dead(loc))
+                                     lambda loc=loc: self.store.blocks.add_to_dead_index(loc))
                 if want:
                     self._check_location(loc, committed)
         for h in sorted(set(refs) - seen):
@@ -170,22 +170,6 @@ class Fsck:
         if parsed is None or parsed[3] != loc.hash or parsed[2] != loc.stored_len:
             self.problem("block-header", f"{where}: no matching record header there "
                          f"(damaged pack; `backupfs verify` names the files)")
-
-    def _in_dead_index(self, loc: BlockLocation) -> bool:
-        key = DEAD_KEY.pack(loc.pack_id, loc.hash)
-        return self.store.txn.get(key, db=self.store.blocks.dead_db) is not None
-
-    def _put_dead(self, loc: BlockLocation) -> None:
-        self.store.txn.put(DEAD_KEY.pack(loc.pack_id, loc.hash), b"", db=self.store.blocks.dead_db)
-
-    def _set_refcount(self, loc: BlockLocation, want: int) -> None:
-        blocks = self.store.blocks
-        blocks._set_refcount(loc, want)
-        if loc.refcount == 0 and want:
-            blocks._revive(loc)
-        elif want == 0 and loc.refcount:
-            self._put_dead(loc)
-            self.store.add_dead_bytes(loc.pack_id, loc.record_len)
 
     # -- trees -----------------------------------------------------------------------
 

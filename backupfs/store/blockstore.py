@@ -201,8 +201,26 @@ class BlockStore:
         new = loc.refcount - n
         self._set_refcount(loc, new)
         if new == 0:
-            self.store.txn.put(DEAD_KEY.pack(loc.pack_id, h), b"", db=self.dead_db)
-            self.store.add_dead_bytes(loc.pack_id, loc.record_len)
+            self._mark_dead(loc)
+
+    def set_refcount(self, loc: BlockLocation, refcount: int) -> None:
+        """Set a block's refcount outright, keeping the dead index right (fsck's repair)."""
+        self._set_refcount(loc, refcount)
+        if loc.refcount == 0 and refcount:
+            self._revive(loc)
+        elif refcount == 0 and loc.refcount:
+            self._mark_dead(loc)
+
+    def in_dead_index(self, loc: BlockLocation) -> bool:
+        return self.store.txn.get(DEAD_KEY.pack(loc.pack_id, loc.hash), db=self.dead_db) is not None
+
+    def add_to_dead_index(self, loc: BlockLocation) -> None:
+        """List a block at refcount 0 for compaction (fsck's repair of a lost entry)."""
+        self.store.txn.put(DEAD_KEY.pack(loc.pack_id, loc.hash), b"", db=self.dead_db)
+
+    def _mark_dead(self, loc: BlockLocation) -> None:
+        self.add_to_dead_index(loc)
+        self.store.add_dead_bytes(loc.pack_id, loc.record_len)
 
     def _set_refcount(self, loc: BlockLocation, refcount: int) -> None:
         v = BLOCK_VALUE.pack(loc.pack_id, loc.offset, loc.stored_len, loc.raw_len, loc.codec,
