@@ -108,7 +108,7 @@ class LiveView(NamespaceView):
             self.ns.orphan_set.discard(ino)
         self._set_entry(parent, name, ino)
         self._touch_dir(pattr, now_ns)
-        return self._put(attr.changed(nlink=attr.nlink + 1, ctime_ns=now_ns))
+        return self._put(attr.changed(nlink=attr.nlink + 1, ctime_ns=now_ns, parent=parent))
 
     # -- removing --------------------------------------------------------------------
 
