@@ -30,7 +30,7 @@ def view_usage(view, locations: dict) -> dict:
 
 def unique_bytes(ns, record, locations: dict) -> int:
     """Stored bytes only this snapshot keeps alive: what deleting it would free."""
-    epochs = [r.epoch for r in ns.snapshots()]
+    epochs = ns.snapshot_epochs()
     i = epochs.index(record.epoch)
     prev_epoch = epochs[i - 1] if i else 0
     next_epoch = epochs[i + 1] if i + 1 < len(epochs) else ns.epoch

@@ -125,6 +125,10 @@ class Daemon:
         # Inodes unlinked while open when the last daemon stopped: nothing holds them now.
         for ino in ops.ns.orphans():
             ops.ns.reclaim(ino)
+        # Likewise snapshots deleted while open: nothing reads them now.
+        for record in ops.ns.deleting_snapshots():
+            ops.ns.delete_snapshot(record.id)
+            log.info("snapshot %s deleted (its deletion was pending)", record.name)
         schedule = self.schedule
         # Under the receiver of _signals while it runs, and what it restores (and hands a
         # signal still pending to) when it stops.

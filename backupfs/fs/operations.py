@@ -672,6 +672,9 @@ class BackupFS(pyfuse3.Operations):
             raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
         slot = self.snapshots.slot(record.id)
         if slot is not None and self.slot_handles.get(slot):
+            # Durable at once: after a crash the next mount finishes the deletion.
+            self.ns.mark_deleting(record.id)
+            await self.txg.commit()
             self.snapshots.hide(record)
             log.info("snapshot %s is open: deleting it once closed", record.name)
         else:

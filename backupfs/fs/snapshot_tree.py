@@ -34,7 +34,8 @@ class SnapshotTree:
     def refresh(self) -> None:
         """Re-read the catalog (after a snapshot is taken or deleted)."""
         all_records = self.ns.snapshots()
-        existing = {r.id for r in all_records}
+        # Deleting ones still exist (their open files read on) but are never listed.
+        existing = {r.id for r in all_records} | {r.id for r in self.ns.deleting_snapshots()}
         for snap_id in [i for i in self.hidden if i not in existing]:
             del self.hidden[snap_id]
         records = [r for r in all_records if r.id not in self.hidden]

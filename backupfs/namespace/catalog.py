@@ -29,6 +29,9 @@ class SnapshotRecord:
     created_ns: int
     epoch: int       # the epoch it froze: it sees every version born at or before it
     hold: bool = False
+    # Deleted while files in it were open: gone for users, freed once closed or, after a
+    # crash, when the store is next mounted.
+    deleting: bool = False
 
 
 def base_name(created_ns: int) -> str:
@@ -73,9 +76,14 @@ class Catalog:
         self.records = [r for r in self.records if r.id != snap_id]
 
     def set_hold(self, snap_id: int, hold: bool) -> SnapshotRecord:
-        r = replace(self.get(snap_id), hold=hold)
+        return self._update(replace(self.get(snap_id), hold=hold))
+
+    def set_deleting(self, snap_id: int) -> SnapshotRecord:
+        return self._update(replace(self.get(snap_id), deleting=True))
+
+    def _update(self, r: SnapshotRecord) -> SnapshotRecord:
         self._save(r)
-        self.records = [r if x.id == snap_id else x for x in self.records]
+        self.records = [r if x.id == r.id else x for x in self.records]
         return r
 
     def get(self, snap_id: int) -> SnapshotRecord:
@@ -86,6 +94,8 @@ class Catalog:
 
     def find(self, name_or_id: str | int) -> SnapshotRecord:
         for r in self.records:
+            if r.deleting:
+                continue
             if r.name == name_or_id or str(r.id) == str(name_or_id):
                 return r
         raise SnapshotNotFound(f"no snapshot named {name_or_id!r}")

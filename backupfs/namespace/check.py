@@ -42,7 +42,7 @@ class VersionReport:
 
 
 def check_versions(ns, progress=None) -> VersionReport:
-    epochs = sorted([r.epoch for r in ns.snapshots()] + [ns.epoch])
+    epochs = sorted(ns.snapshot_epochs() + [ns.epoch])
     txn = ns.store.txn
     report = VersionReport()
     expected_dead: dict[tuple[int, int, bytes], int] = {}

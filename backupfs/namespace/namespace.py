@@ -130,8 +130,24 @@ class Namespace:
         return record
 
     def snapshots(self) -> list[SnapshotRecord]:
-        """Every snapshot, oldest first."""
-        return list(self.catalog.records)
+        """Every snapshot users see, oldest first (not those being deleted)."""
+        return [r for r in self.catalog.records if not r.deleting]
+
+    def deleting_snapshots(self) -> list[SnapshotRecord]:
+        """Snapshots deleted while open: readable still, freed by `delete_snapshot`."""
+        return [r for r in self.catalog.records if r.deleting]
+
+    def snapshot_epochs(self) -> list[int]:
+        """The epochs of every snapshot that still holds versions, deleting ones included."""
+        return list(self._snapshot_epochs)
+
+    def mark_deleting(self, snap_id: int) -> SnapshotRecord:
+        """Take a snapshot out of sight now, durably once committed; its versions stay
+        until `delete_snapshot` (files in it are still open)."""
+        record = self.catalog.get(snap_id)
+        if record.hold:
+            raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
+        return self.catalog.set_deleting(snap_id)
 
     def find_snapshot(self, name_or_id: str | int) -> SnapshotRecord:
         return self.catalog.find(name_or_id)
