@@ -25,7 +25,7 @@ from typing import Callable
 
 from ..namespace import ROOT_INO
 from ..namespace.check import check_versions
-from ..namespace.records import U64, entry_prefix, inode_prefix, pack_inode, unpack_inode
+from ..namespace.records import U64, entry_name, entry_prefix, inode_prefix, pack_inode, unpack_inode
 from ..store import codec
 from ..store.blockstore import BlockLocation
 from .progress import progress_bar
@@ -191,7 +191,7 @@ class Fsck:
                 d = stack.pop()
                 bar.update(1)
                 for prefix, v in self.ns.entries.scan(U64.pack(d), view.epoch):
-                    name, child = prefix[8:-1], U64.unpack(v)[0]
+                    name, child = entry_name(prefix), U64.unpack(v)[0]
                     try:
                         attr = attrs.get(child) or view.getattr(child)
                     except OSError:

@@ -42,9 +42,6 @@ class InodeSet:
     def discard(self, ino: int) -> None:
         self.store.txn.delete(U64.pack(ino), db=self.db)
 
-    def get(self, ino: int) -> bytes | None:
-        return self.store.txn.get(U64.pack(ino), db=self.db)
-
     def items(self) -> list[tuple[int, bytes]]:
         return [(U64.unpack(k)[0], v) for k, v in self.store.txn.cursor(db=self.db)]
 
