@@ -7,6 +7,7 @@ before it reopens it, and anything that needs two openers at once runs a subproc
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
 from backupfs.store import CompactResult, Store, block_hash
+from backupfs.store.blockstore import cpu_limiter
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
@@ -428,6 +431,79 @@ async def test_put_many_concurrent_batches_dedup(opened):
         assert s.blocks.refcount(h) == 3
         assert s.blocks.get(h) == d
     assert len(list(s.blocks.iter_locations())) == 8
+
+
+async def test_put_many_waits_for_a_concurrent_batch_and_survives_its_failure(opened):
+    """Two batches with the same blocks: the second waits for the first, which is
+    compressing them, instead of storing them twice; when the first fails midway (a full
+    disk), the second stores them itself. Nothing is lost, nothing is counted twice, and
+    what the failed batch appended is accounted as dead space."""
+    s = opened.store
+    data = [text_block(100 + i, 32 * KiB) for i in range(8)]
+    gate = threading.Event()
+    lock = threading.Lock()
+    appends = 0
+    real_append = s.packs.append
+
+    def append(*parts):
+        nonlocal appends
+        assert gate.wait(10), "the second batch never waited for the first"
+        with lock:
+            appends += 1
+            if appends == 4:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real_append(*parts)
+
+    s.packs.append = append
+    second: list[list[bytes]] = []
+
+    async def first_batch():
+        with pytest.raises(OSError) as e:
+            await s.blocks.put_many(data)
+        assert e.value.errno == errno.ENOSPC
+
+    async def second_batch():
+        while not s.blocks._storing:
+            await trio.sleep(0.001)
+        # The first batch's workers wait at the gate holding their threads: this batch
+        # needs threads of its own to hash with.
+        limiter.total_tokens = 2 * tokens
+        second.append(await s.blocks.put_many(data))
+
+    async def open_gate_once_second_waits():
+        while True:
+            events = set(s.blocks._storing.values())
+            if events and all(e.statistics().tasks_waiting for e in events):
+                break
+            await trio.sleep(0.001)
+        gate.set()
+
+    limiter = cpu_limiter()
+    tokens = limiter.total_tokens
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                n.start_soon(first_batch)
+                n.start_soon(second_batch)
+                n.start_soon(open_gate_once_second_waits)
+    finally:
+        limiter.total_tokens = tokens
+    assert appends > 8  # the second batch did store what the first could not
+    hashes = second[0]
+    for h, d in zip(hashes, data):
+        assert s.blocks.refcount(h) == 1
+        assert s.blocks.get(h) == d
+    locations = list(s.blocks.iter_locations())
+    assert len(locations) == 8
+    assert s.blocks.dead_bytes() == 0  # records the failed batch placed were revived
+    # ...not stored a second time: the packs hold exactly the 8 records.
+    s.commit()
+    packs = pack_files(s.path)
+    assert sum(p.stat().st_size for p in packs.values()) == (
+        len(packs) * PACK_HEADER_LEN + sum(loc.record_len for loc in locations))
+    s.commit()
+    s = opened.reopen()
+    assert [s.blocks.get(h) for h in hashes] == data
 
 
 async def test_reads_racing_compaction_get_the_moved_block(store_dir):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from functools import partial
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 import trio
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # blocks db: hash -> pack id u32, offset u64, stored length u32, raw length u32, codec u8, refcount u64
 BLOCK_VALUE = struct.Struct(">IQIIBQ")
@@ -44,27 +47,38 @@ def cpu_limiter() -> trio.CapacityLimiter:
     return _cpu_limiter
 
 
-async def _in_threads(work: Callable[[Sequence], None], items: Sequence) -> None:
-    """Run `work` on interleaved shares of `items`, one share per worker thread.
+async def _in_threads(work: Callable[[T], None], items: Sequence[T]) -> None:
+    """Call `work(item)` for every item, in as many worker threads as there are cores.
 
-    An exception from `work` (say CorruptBlock) reaches the caller as itself, not wrapped
-    in the nursery's ExceptionGroup; the first one raised wins."""
+    The threads take the next item as they finish one, so a share of slow items (text to
+    compress) does not leave a thread idle beside a share of fast ones (random bytes).
+    An exception from `work` (say CorruptBlock) stops the others at their next item and
+    reaches the caller as itself, not wrapped in the nursery's ExceptionGroup."""
     limiter = cpu_limiter()
     n = min(len(items), max(1, int(limiter.total_tokens)))
+    pending = iter(items)
+    take = threading.Lock()
     errors: list[Exception] = []
 
-    def guarded(share: Sequence) -> None:
-        try:
-            work(share)
-        except Exception as e:
-            errors.append(e)
+    def worker() -> None:
+        while not errors:
+            with take:
+                item = next(pending, _DONE)
+            if item is _DONE:
+                return
+            try:
+                work(item)
+            except Exception as e:
+                errors.append(e)
 
     async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(partial(trio.to_thread.run_sync, guarded, items[i::n],
-                                       limiter=limiter))
+        for _ in range(n):
+            nursery.start_soon(partial(trio.to_thread.run_sync, worker, limiter=limiter))
     if errors:
         raise errors[0]
+
+
+_DONE = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +121,7 @@ class BlockStore:
         self.db = store.open_db("blocks")
         self.dead_db = store.open_db("dead")
         self.checksum_errors = 0
+        self._storing: dict[bytes, trio.Event] = {}  # hash -> set when its put_many ends
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -132,61 +147,87 @@ class BlockStore:
     def put(self, data: bytes) -> bytes:
         """Store one block (or count one more reference to it); returns its hash."""
         h = codec.block_hash(data)
-        if self._incref_existing(h):
-            return h
-        return self.put_encoded(codec.encode(data, self.compression, h))
+        if not self._incref_existing(h):
+            self._append_new(codec.encode(data, self.compression, h))
+        return h
 
-    def put_encoded(self, block: EncodedBlock) -> bytes:
-        """Store an already hashed and compressed block, counting one reference."""
-        if self._incref_existing(block.hash):
-            return block.hash
-        pack_id, offset = self.packs.append(block.record())
+    def _append_new(self, block: EncodedBlock, refcount: int = 1) -> None:
+        self._index_new(block, *self.packs.append(*block.record_parts()), refcount=refcount)
+
+    def _index_new(self, block: EncodedBlock, pack_id: int, offset: int,
+                   refcount: int = 1) -> BlockLocation:
         loc = BlockLocation(block.hash, pack_id, offset, len(block.payload), block.raw_len,
-                            block.codec, 1)
+                            block.codec, refcount)
         self.store.txn.put(block.hash, loc.value(), db=self.db)
-        return block.hash
+        return loc
 
     async def put_many(self, blocks: Sequence[bytes]) -> list[bytes]:
-        """Store many blocks, hashing and compressing them in worker threads.
+        """Store many blocks, hashing, compressing and appending them in worker threads;
+        returns their hashes, each counted once more per time it is given.
 
         Blocks already in the store are only counted again and never compressed: a
-        nightly copy of an unchanged tree costs one hash per block.
+        nightly copy of an unchanged tree costs one hash per block. All or nothing: if
+        it raises (a full disk), the caller owns no new references.
         """
         hashes: list[bytes] = [b""] * len(blocks)
 
-        def hash_share(indexes: range) -> None:
-            for i in indexes:
-                hashes[i] = codec.block_hash(blocks[i])
+        def hash_one(i: int) -> None:
+            hashes[i] = codec.block_hash(blocks[i])
 
-        await _in_threads(hash_share, range(len(blocks)))
-        new = {}
-        for data, h in zip(blocks, hashes):
-            if h not in new and self.refcount(h) == 0 and self._find_dead(h) is None:
-                new[h] = data
-        encoded: dict[bytes, EncodedBlock] = {}
-
-        def encode_share(share: list[tuple[bytes, bytes]]) -> None:
-            for h, d in share:
-                encoded[h] = codec.encode(d, self.compression, h)
-
-        await _in_threads(encode_share, list(new.items()))
-        counted: list[bytes] = []
+        await _in_threads(hash_one, range(len(blocks)))
+        data_of = dict(zip(hashes, blocks))
+        wanted = Counter(hashes)  # references still to count, by block
+        new = {h: d for h, d in data_of.items()
+               if self.store.txn.get(h, db=self.db) is None and h not in self._storing}
+        # Blocks another put_many is compressing right now: counted once it has indexed
+        # them, rather than stored twice.
+        elsewhere = {self._storing[h] for h in data_of if h in self._storing}
+        done = trio.Event()
+        self._storing.update(dict.fromkeys(new, done))
+        owned: list[tuple[bytes, int]] = []  # references counted so far, undone on failure
         try:
-            for data, h in zip(blocks, hashes):
-                e = encoded.pop(h, None)
-                if e is not None:
-                    self.put_encoded(e)
-                elif not self._incref_existing(h):
-                    # Compaction dropped it while we were hashing: store it after all.
-                    self.put_encoded(codec.encode(data, self.compression, h))
-                counted.append(h)
+            try:
+                for h, (block, pack_id, offset) in (await self._store_new(new)).items():
+                    self._index_new(block, pack_id, offset, refcount=wanted[h])
+                    owned.append((h, wanted.pop(h)))
+            finally:
+                for h in new:
+                    del self._storing[h]
+                done.set()
+            for event in elsewhere:
+                await event.wait()
+            for h, n in wanted.items():
+                if not self._incref_existing(h, n):
+                    # Compaction dropped it while we were hashing, or the put_many that
+                    # was storing it failed: store it here after all.
+                    self._append_new(codec.encode(data_of[h], self.compression, h), n)
+                owned.append((h, n))
         except BaseException:
-            # All or nothing (a full disk fails midway): the caller gets no hashes, so it
-            # must own no references.
-            for h in counted:
-                self.decref(h)
+            for h, n in owned:
+                self.decref(h, n)
             raise
         return hashes
+
+    async def _store_new(self, new: dict[bytes, bytes]) -> dict[bytes, tuple]:
+        """Compress and append blocks that are in no pack yet; {hash: (block, pack id,
+        offset)}. Each worker appends what it compressed (appends take a lock), so the
+        disk writes of one block overlap the compression of the next; the index, which
+        only the trio thread may touch, learns the locations afterwards."""
+        placed: dict[bytes, tuple[EncodedBlock, int, int]] = {}
+
+        def store_one(item: tuple[bytes, bytes]) -> None:
+            h, data = item
+            block = codec.encode(data, self.compression, h)
+            placed[h] = (block, *self.packs.append(*block.record_parts()))
+
+        try:
+            await _in_threads(store_one, list(new.items()))
+        except BaseException:
+            # The records that did get appended are dead space, counted as such.
+            for block, pack_id, offset in placed.values():
+                self._mark_dead(self._index_new(block, pack_id, offset, refcount=0))
+            raise
+        return placed
 
     def incref(self, h: bytes, n: int = 1) -> None:
         loc = self.locate(h)
@@ -227,19 +268,11 @@ class BlockStore:
                              refcount)
         self.store.txn.put(loc.hash, v, db=self.db)
 
-    def _incref_existing(self, h: bytes) -> bool:
-        v = self.store.txn.get(h, db=self.db)
-        if v is None:
+    def _incref_existing(self, h: bytes, n: int = 1) -> bool:
+        if self.store.txn.get(h, db=self.db) is None:
             return False
-        self.incref(h)
+        self.incref(h, n)
         return True
-
-    def _find_dead(self, h: bytes) -> BlockLocation | None:
-        v = self.store.txn.get(h, db=self.db)
-        if v is None:
-            return None
-        loc = BlockLocation.from_value(h, v)
-        return loc if loc.refcount == 0 else None
 
     def _revive(self, loc: BlockLocation) -> None:
         self.store.txn.delete(DEAD_KEY.pack(loc.pack_id, loc.hash), db=self.dead_db)
@@ -289,21 +322,20 @@ class BlockStore:
             return self._reread_if_moved(loc, e)
 
     async def get_many(self, hashes: Sequence[bytes]) -> list[bytes]:
-        """Verified plaintexts of many blocks, read in worker threads a share at a time:
-        one thread hop per share instead of one per block (a hop costs about as much as
-        verifying a 128 KiB block). Raises the first CorruptBlock met, never bad bytes."""
+        """Verified plaintexts of many blocks, read in worker threads (one thread hop per
+        thread, not per block: a hop costs about as much as verifying a 128 KiB block).
+        Raises the first CorruptBlock met, never bad bytes."""
         locs = [self.locate(h) for h in hashes]
         out: list[bytes] = [b""] * len(locs)
         failed: dict[int, CorruptBlock] = {}
 
-        def read_share(indexes: range) -> None:
-            for i in indexes:
-                try:
-                    out[i] = self._read_checked(locs[i])
-                except CorruptBlock as e:
-                    failed[i] = e
+        def read_one(i: int) -> None:
+            try:
+                out[i] = self._read_checked(locs[i])
+            except CorruptBlock as e:
+                failed[i] = e
 
-        await _in_threads(read_share, range(len(locs)))
+        await _in_threads(read_one, range(len(locs)))
         for i, e in sorted(failed.items()):
             out[i] = self._reread_if_moved(locs[i], e)
         return out

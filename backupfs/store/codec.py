@@ -63,11 +63,12 @@ class EncodedBlock:
     raw_len: int
     payload: bytes
 
-    def record(self) -> bytes:
+    def record_parts(self) -> tuple[bytes, bytes]:
+        """The record's header and payload, to write one after the other."""
         header = RECORD_HEADER.pack(
             RECORD_MAGIC, self.codec, 0, self.raw_len, len(self.payload), self.hash
         )
-        return header + self.payload
+        return header, self.payload
 
 
 def encode(data: bytes, compression: Compression, digest: bytes | None = None) -> EncodedBlock:

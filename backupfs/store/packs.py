@@ -8,7 +8,10 @@ pack and deletes the old file once the index no longer points into it).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import logging
 import os
 import struct
@@ -30,6 +33,38 @@ RESERVE_SHARE = 0.02
 RESERVE_MAX = 256 * 1024 * 1024
 # Below this estimate of free space, every append looks at the disk again.
 SPACE_RECHECK = 64 * 1024 * 1024
+# Appended bytes are handed to the disk in chunks of this size as they come, so that the
+# fsync at commit finds little left to write and compression overlaps the disk's work.
+WRITEBACK_CHUNK = 8 * 1024 * 1024
+
+
+def _start_writeback_fn():
+    """`sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`: start writing a range out
+    without waiting for it. The os module lacks it; without libc it is simply skipped
+    (the fsync at commit then writes everything, as before)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, n: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+    return lambda fd, offset, n: fn(fd, offset, n, write)
+
+
+start_writeback = _start_writeback_fn()
+
+
+def _locked(method):
+    """Run a PackSet method holding its write lock (appends come from worker threads)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,6 +108,9 @@ class PackSet:
         self.readonly = readonly
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
+        # Appends come from worker threads (BlockStore.put_many): everything that touches
+        # the write pack or the sync bookkeeping holds this.
+        self._lock = threading.RLock()
         # Read descriptors in use by a pread in some thread, and those to close when the
         # last such read ends (their pack was removed meanwhile): never close a descriptor
         # under a reader, whose pread would then fail or read whatever file reuses it.
@@ -81,6 +119,7 @@ class PackSet:
         self._write_id: int | None = None
         self._write_fd: int | None = None
         self._write_len = 0
+        self._written_back = 0  # offset in the write pack up to which writeback started
         self._next_id = 1
         self._dirty: set[int] = set()  # packs written since the last sync
         self._dirs_to_sync: set[Path] = set()
@@ -158,25 +197,32 @@ class PackSet:
         if self._free_estimate < n:
             raise OSError(errno.ENOSPC, "No space left on device (the store's disk is full)")
 
-    def append(self, record: bytes) -> tuple[int, int]:
-        """Append one record; returns (pack id, offset). Durable only after `sync`."""
+    def append(self, *parts: bytes) -> tuple[int, int]:
+        """Append one record, given as its parts (header, payload); returns (pack id,
+        offset). Thread-safe. Durable only after a sync that starts after it returns."""
         if self.readonly:
             raise StoreError("store is open read-only")
-        self._check_space(len(record))
-        if self._write_fd is None or (
-            self._write_len > PACK_HEADER_LEN and self._write_len + len(record) > self.rotate_size
-        ):
-            self._open_for_append()
-        offset = self._write_len
-        written = os.pwrite(self._write_fd, record, offset)
-        if written != len(record):
-            # A short write means the disk is full; the bytes past our length are garbage
-            # that the next append overwrites.
-            raise OSError(errno.ENOSPC, "No space left on device (short write to pack)")
-        self._write_len += written
-        self._lengths[self._write_id] = self._write_len
-        self._dirty.add(self._write_id)
-        return self._write_id, offset
+        size = sum(map(len, parts))
+        with self._lock:
+            self._check_space(size)
+            if self._write_fd is None or (
+                self._write_len > PACK_HEADER_LEN and self._write_len + size > self.rotate_size
+            ):
+                self._open_for_append()
+            offset = self._write_len
+            written = os.pwritev(self._write_fd, parts, offset)
+            if written != size:
+                # A short write means the disk is full; the bytes past our length are
+                # garbage that the next append overwrites.
+                raise OSError(errno.ENOSPC, "No space left on device (short write to pack)")
+            self._write_len += written
+            self._lengths[self._write_id] = self._write_len
+            self._dirty.add(self._write_id)
+            if self._write_len - self._written_back >= WRITEBACK_CHUNK:
+                start_writeback(self._write_fd, self._written_back,
+                                self._write_len - self._written_back)
+                self._written_back = self._write_len
+            return self._write_id, offset
 
     def _open_for_append(self) -> None:
         # Continue the newest pack while it has room, else start a new one.
@@ -185,7 +231,7 @@ class PackSet:
                 and self._lengths[newest] < self.rotate_size):
             self._write_id = newest
             self._write_fd = os.open(self.path(newest), os.O_WRONLY)
-            self._write_len = self._lengths[newest]
+            self._write_len = self._written_back = self._lengths[newest]
             return
         self._close_write_fd()
         pack_id = self._next_id
@@ -204,6 +250,7 @@ class PackSet:
             raise
         self._dirs_to_sync.add(path.parent)
         self._write_id, self._write_fd, self._write_len = pack_id, fd, PACK_HEADER_LEN
+        self._written_back = 0
         self._lengths[pack_id] = PACK_HEADER_LEN
         self._dirty.add(pack_id)
 
@@ -223,6 +270,7 @@ class PackSet:
         plan.run()
         return self.record_synced(plan)
 
+    @_locked
     def plan_sync(self) -> "SyncPlan":
         """Take what needs an fsync now; `SyncPlan.run` may then go to a worker thread
         while this thread goes on appending (those later appends wait for the next sync)."""
@@ -235,17 +283,20 @@ class PackSet:
         self._dirs_to_sync.clear()
         return plan
 
+    @_locked
     def record_synced(self, plan: "SyncPlan") -> dict[int, int]:
         lengths = {p: n for p, n in plan.lengths.items() if p not in self._retired}
         self._synced_unrecorded.update(lengths)
         return lengths
 
+    @_locked
     def take_synced_lengths(self) -> dict[int, int]:
         """Lengths synced (possibly by an earlier `sync` in a worker thread) and not yet
         recorded in the index; the caller records them in the commit that follows."""
         out, self._synced_unrecorded = self._synced_unrecorded, {}
         return out
 
+    @_locked
     def has_unsynced(self) -> bool:
         return bool(self._dirty or self._dirs_to_sync)
 
@@ -256,6 +307,7 @@ class PackSet:
     def length(self, pack_id: int) -> int:
         return self._lengths.get(pack_id, 0)
 
+    @_locked
     def seal(self, pack_id: int) -> None:
         """Append no more to this pack (compaction is about to empty it). Without this, a
         store reopened with no pack open for appending would continue its newest pack,
@@ -264,6 +316,7 @@ class PackSet:
         if pack_id == self._write_id:
             self._close_write_fd()
 
+    @_locked
     def retire(self, pack_id: int) -> None:
         """The index no longer references this pack: it needs no fsync, and its length
         must not be recorded again by the commit that drops it."""
@@ -272,6 +325,7 @@ class PackSet:
         self._dirty.discard(pack_id)
         self._synced_unrecorded.pop(pack_id, None)
 
+    @_locked
     def remove(self, pack_id: int) -> None:
         """Delete a pack whose blocks the committed index no longer references."""
         if pack_id == self._write_id:
@@ -327,6 +381,7 @@ class PackSet:
             for fd in fds.values():
                 self._close_read_fd(fd)
 
+    @_locked
     def close(self) -> None:
         self._close_write_fd()
         self.forget_read_handles()
