@@ -26,6 +26,7 @@ class Mount:
     mountpoint: Path
     store: Path
     options: str
+    device: str = ""  # "major:minor", the name of its backing device in /sys/class/bdi
 
 
 def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
@@ -43,7 +44,8 @@ def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
         source = _unescape(rest[1])
         if not source.startswith(SOURCE_PREFIX):
             continue
-        out.append(Mount(Path(_unescape(fields[4])), Path(source[len(SOURCE_PREFIX):]), fields[5]))
+        out.append(Mount(Path(_unescape(fields[4])), Path(source[len(SOURCE_PREFIX):]),
+                         fields[5], fields[2]))
     return out
 
 

@@ -1,8 +1,10 @@
 """File contents: dirty block buffers in front of the block store.
 
 Writes land in per-inode buffers, one per block. A block whose last byte has been
-written is *sealed* at once: hashed, compressed and stored in worker threads, then
-entered in the namespace's block map. Partial blocks are sealed on flush, fsync, release,
+written is *sealed* soon after, by background sealer tasks: hashed, compressed and stored
+in worker threads, then entered in the namespace's block map. The write does not wait
+for that (unless the sealers fall SEAL_AHEAD behind), so the kernel's next write arrives
+while the last one is being compressed. Partial blocks are sealed on flush, fsync, release,
 the periodic transaction group and before a snapshot. While a block is being sealed its
 bytes stay readable from `sealing`, so a reader never sees a gap.
 
@@ -23,6 +25,9 @@ from ..store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_DIRTY_LIMIT = 256 * 1024 * 1024
+# Background sealing: blocks per put_many, and the full blocks a writer may queue ahead.
+SEAL_BATCH = 32
+SEAL_AHEAD = 64 * 1024 * 1024
 # Gaps a late page of the writeback cache can leave (at most a large folio), and how
 # many are remembered per file.
 MAX_TORN_GAP = 2 * 1024 * 1024
@@ -53,6 +58,12 @@ class FileContents:
         self.buffers: dict[int, InodeBuffers] = {}
         self.dirty_bytes = 0
         self.writes = 0  # writes ever received: numbers the gaps they open
+        self._zero_block = bytes(self.block_size)
+        # Full blocks waiting for a background sealer (see run_sealers), in write order.
+        self._full: dict[tuple[int, int], None] = {}
+        self._sealers = 0
+        self._work = trio.Event()  # set when _full gains blocks
+        self._progress = trio.Event()  # set (and replaced) when a sealer finishes a batch
 
     # -- reading ---------------------------------------------------------------------
 
@@ -70,35 +81,46 @@ class FileContents:
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         bufs = self.buffers.get(ino) if live else None
-        chunks: list[bytes | None] = [None] * (last - first + 1)
-
-        async def fetch(i: int, n: int) -> None:
-            chunks[i] = await self._block_content(view, ino, n, bufs)
-
-        if first == last:
-            await fetch(0, first)
-        else:
-            async with trio.open_nursery() as nursery:
-                for i, n in enumerate(range(first, last + 1)):
-                    nursery.start_soon(fetch, i, n)
-        out = bytearray()
+        chunks: list[bytes] = []
+        stored: dict[int, bytes] = {}  # chunk index -> hash of a block to read
+        for i, n in enumerate(range(first, last + 1)):
+            buffered = self._buffered(bufs, n)
+            if buffered is None:
+                h = view.block_hash(ino, n)
+                if h is not None:
+                    stored[i] = h
+            chunks.append(buffered or b"")
+        if len(stored) == 1:
+            (i, h), = stored.items()
+            chunks[i] = await self.store.blocks.get_async(h)
+        elif stored:
+            # One worker-thread round per request, not one per block.
+            for i, data in zip(stored, await self.store.blocks.get_many(list(stored.values()))):
+                chunks[i] = data
+        pieces = []
         for i, n in enumerate(range(first, last + 1)):
             start = n * bs
             lo, hi = max(offset, start) - start, min(end, start + bs) - start
-            piece = chunks[i][lo:hi]
-            out += piece
-            if len(piece) < hi - lo:
-                out += bytes(hi - lo - len(piece))
-        return bytes(out)
+            piece = memoryview(chunks[i])[lo:hi]
+            pieces.append(piece)
+            if len(piece) < hi - lo:  # a hole, or a block that ends before the file does
+                pieces.append(bytes(hi - lo - len(piece)))
+        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+
+    @staticmethod
+    def _buffered(bufs: InodeBuffers | None, n: int) -> bytes | None:
+        """Block n as written but not yet stored, if it is."""
+        if bufs is None:
+            return None
+        buf = bufs.dirty.get(n)
+        if buf is not None:
+            return bytes(buf)
+        return bufs.sealing.get(n)
 
     async def _block_content(self, view, ino: int, n: int, bufs: InodeBuffers | None) -> bytes:
-        if bufs is not None:
-            buf = bufs.dirty.get(n)
-            if buf is not None:
-                return bytes(buf)
-            sealed = bufs.sealing.get(n)
-            if sealed is not None:
-                return sealed
+        buffered = self._buffered(bufs, n)
+        if buffered is not None:
+            return buffered
         h = view.block_hash(ino, n)
         if h is None:
             return b""
@@ -171,12 +193,60 @@ class FileContents:
             self.ns.live.setattr(ino, size=max(attr.size, end), mtime_ns=now_ns,
                                  ctime_ns=now_ns)
         if full:
-            await self.seal(ino, full)
+            await self._queue_full(ino, full)
         if self.dirty_bytes > self.dirty_limit:
             # Backpressure: seal everything in one batch. (Sealing only this inode would,
             # with many small files, seal one file per write from here on.)
             await self.flush_all()
         return len(data)
+
+    async def _queue_full(self, ino: int, blocknos: list[int]) -> None:
+        """Have full blocks sealed: by the background sealers when they run (the write
+        answers at once and the kernel sends the next), else right here."""
+        if not self._sealers:
+            await self.seal(ino, blocknos)
+            return
+        self._full.update(dict.fromkeys((ino, n) for n in blocknos))
+        self._work.set()
+        # Backpressure: a writer faster than the sealers waits for them.
+        while self._sealers and len(self._full) * self.block_size > SEAL_AHEAD:
+            await self._progress.wait()
+
+    async def run_sealers(self, count: int = 2) -> None:
+        """Seal full blocks in the background until cancelled, in batches of SEAL_BATCH,
+        `count` batches at a time (while one batch's block maps are written in this
+        thread, another keeps the worker threads compressing)."""
+        async def sealer() -> None:
+            while True:
+                if not self._full:
+                    if self._work.is_set():
+                        self._work = trio.Event()
+                    await self._work.wait()
+                    continue
+                batch = []
+                while self._full and len(batch) < SEAL_BATCH:
+                    key = next(iter(self._full))
+                    del self._full[key]
+                    batch.append(key)
+                try:
+                    await self.seal_many(batch)
+                except OSError as e:
+                    # A full disk: the blocks are dirty again, and fsync or the next
+                    # transaction group reports it; no busy retry here.
+                    log.warning("sealing written blocks: %s", e)
+                    await trio.sleep(1)
+                finally:
+                    self._progress.set()
+                    self._progress = trio.Event()
+
+        self._sealers += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(sealer)
+        finally:
+            self._sealers -= 1
+            self._progress.set()  # no writer waits on sealers that are gone
 
     def _track_gaps(self, bufs: InodeBuffers, offset: int, end: int, size: int) -> None:
         if offset > size and offset - size <= MAX_TORN_GAP:
@@ -212,6 +282,12 @@ class FileContents:
                     out[ino] = min(a for a, _, _ in bufs.gaps)
         return out
 
+    def _is_zero(self, data: bytes) -> bool:
+        # A compare with a zero block runs at memcmp speed; bytes.count(0) is a loop.
+        if len(data) == self.block_size:
+            return data == self._zero_block
+        return data == bytes(len(data))
+
     async def seal(self, ino: int, blocknos) -> None:
         """Store the given dirty blocks of one inode and enter them in the block map."""
         await self.seal_many([(ino, n) for n in blocknos])
@@ -234,7 +310,8 @@ class FileContents:
         if not items:
             return
         # All-zero blocks become holes: nothing stored, nothing to read back.
-        to_store = [d for _, _, d in items if d.count(0) != len(d)]
+        holes = {id(d) for _, _, d in items if self._is_zero(d)}
+        to_store = [d for _, _, d in items if id(d) not in holes]
         try:
             hashes = iter(await self.store.blocks.put_many(to_store) if to_store else [])
         except BaseException:
@@ -249,7 +326,7 @@ class FileContents:
             raise
         sizes: dict[int, int] = {}
         for bufs, n, data in items:
-            h = next(hashes) if data.count(0) != len(data) else None
+            h = None if id(data) in holes else next(hashes)
             size = sizes.get(bufs.ino)
             if size is None:
                 try:
