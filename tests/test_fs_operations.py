@@ -218,3 +218,45 @@ async def test_commit_with_a_full_disk_keeps_data_buffered_and_commits_metadata(
     await fs.txg.commit()                         # space again: stored
     assert not fs.data.has_dirty(ino)
     assert await fs.read(fh, 0, 100) == b"unsealed"
+
+
+async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypatch):
+    """With the sealers running, a write of full blocks answers at once and the blocks
+    reach the store and the block map in the background; a writer that gets ahead by
+    more than SEAL_AHEAD waits; cancelling the sealers loses nothing."""
+    import trio
+    from backupfs.fs import filedata
+
+    monkeypatch.setattr(filedata, "SEAL_AHEAD", 4 * BS)
+    fh, ino = await new_file(fs)
+    data = os.urandom(64 * BS)
+    seal_calls = []
+    real_seal_many = fs.data.seal_many
+
+    async def seal_many(wanted):
+        seal_calls.append(len(list(wanted)))
+        await real_seal_many(wanted)
+
+    monkeypatch.setattr(fs.data, "seal_many", seal_many)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.data.run_sealers)
+            await trio.sleep(0)
+            for off in range(0, 32 * BS, 8 * BS):
+                await fs.write(fh, off, data[off:off + 8 * BS])
+                # Backpressure: never more than SEAL_AHEAD queued behind the sealers.
+                assert len(fs.data._full) * BS <= 4 * BS + 8 * BS
+            while fs.data.pending_blocks(ino):
+                await trio.sleep(0.01)
+            assert seal_calls and max(seal_calls) <= filedata.SEAL_BATCH
+            live = fs.ns.live
+            assert all(live.block_hash(ino, n) is not None for n in range(32))
+            # Cancelled with work queued: the blocks stay dirty, nothing is dropped.
+            await fs.write(fh, 32 * BS, data[32 * BS:])
+            nursery.cancel_scope.cancel()
+    assert fs.data._sealers == 0
+    await fs.fsync(fh, False)
+    await fs.release(fh)
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(fh, 0, len(data)) == data
+    assert all(fs.ns.live.block_hash(ino, n) is not None for n in range(64))
