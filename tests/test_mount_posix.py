@@ -421,6 +421,23 @@ def test_xattrs(d):
     os.setxattr(q, "security.capability", b"\x01\x00\x00\x02" + bytes(16))
     assert os.getxattr(q, "security.capability") == b"\x01\x00\x00\x02" + bytes(16)
     assert errno_of(os.getxattr, p, "user.nope") == errno.ENODATA
+    # ACLs and SELinux labels are not supported (so `ls -l` stops asking for them)
+    for name in ("system.posix_acl_access", "system.posix_acl_default", "security.selinux"):
+        assert errno_of(os.getxattr, p, name) == errno.EOPNOTSUPP
+    assert errno_of(os.setxattr, p, "security.selinux", b"system_u:object_r:etc_t:s0") == \
+        errno.EOPNOTSUPP
+
+
+def test_ls_l_asks_for_labels_and_acls_once_per_listing(d):
+    """`ls -l` stops asking a filesystem that answered EOPNOTSUPP: two xattr round trips
+    per listing instead of two per file (what `ls -l` of a big directory costs)."""
+    for i in range(20):
+        (d / f"f{i}").write_bytes(b"x")
+    trace = subprocess.run(["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l", str(d)],
+                           capture_output=True, text=True, check=True).stderr
+    asked = [line for line in trace.splitlines() if "xattr(" in line]
+    assert asked and all("EOPNOTSUPP" in line for line in asked)
+    assert len(asked) <= 3, asked
 
 
 def test_xattr_limits(d):

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config rsync attr; do
+# strace: a test counts the xattr calls `ls -l` makes.
+for pkg in fuse3 libfuse3-dev pkg-config rsync attr strace; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 # Samba, for the Previous Versions test (tests/test_samba.py): ~15 s, ~60 MB, without the

@@ -44,6 +44,11 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # and `cp -a`/`rsync -A` set a file's mode through this xattr when the target takes it.
 # Refusing them (as ext4 mounted noacl does) makes them fall back to chmod.
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+# Refused the same way: ACLs, and SELinux labels (this is no SELinux system's disk).
+# Answering "not supported" rather than "no such attribute" matters for speed: `ls -l`
+# asks every file for both, and stops asking a filesystem once it says EOPNOTSUPP, which
+# saves two round trips per file listed.
+UNSUPPORTED_XATTRS = ACL_XATTRS + (b"security.selinux",)
 
 
 class BoundedSet(set):
@@ -415,8 +420,14 @@ class BackupFS(pyfuse3.Operations):
             # libfuse asks for atomic O_TRUNC: the kernel sends no setattr(size=0) first.
             async with self.gate.changing():
                 await self.data.truncate(ino, 0)
-                now = time.time_ns()
-                self.live.setattr(ino, size=0, mtime_ns=now, ctime_ns=now)
+                if self.enable_writeback_cache:
+                    # The kernel stamps the times itself (and sends them if they moved):
+                    # a stamp from our finer clock would outlive a kernel that saw no
+                    # change within its clock tick, and differ after a remount.
+                    self.live.setattr(ino, size=0)
+                else:
+                    now = time.time_ns()
+                    self.live.setattr(ino, size=0, mtime_ns=now, ctime_ns=now)
         fh = next(self._fh)
         self.files[fh] = FileHandle(inode, writable)
         if slot:
@@ -579,7 +590,7 @@ class BackupFS(pyfuse3.Operations):
     @changes_live_tree
     async def setxattr(self, inode, name, value, ctx):
         ino = self._writable(inode)
-        if name in ACL_XATTRS:
+        if name in UNSUPPORTED_XATTRS:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if len(name) > XATTR_NAME_MAX:
             raise pyfuse3.FUSEError(errno.ERANGE)
@@ -591,6 +602,8 @@ class BackupFS(pyfuse3.Operations):
 
     @fuse_handler
     async def getxattr(self, inode, name, ctx):
+        if name in UNSUPPORTED_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if inode in (SNAPSHOTS_DIR_INO, LATEST_INO):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         slot, ino, view = self._resolve(inode)
@@ -602,8 +615,8 @@ class BackupFS(pyfuse3.Operations):
         try:
             return view.getxattr(ino, name)
         except OSError as e:
-            # `ls -l` asks every file for security.selinux and its ACL: learn the ones
-            # with no xattrs at all, so the next question costs no LMDB work.
+            # Learn the files with no xattrs at all, so the next question (the kernel's
+            # security.capability before each write) costs no LMDB work.
             if not slot and e.errno == errno.ENODATA and not view.listxattr(ino):
                 self._no_xattrs.add(ino)
             raise
@@ -621,6 +634,8 @@ class BackupFS(pyfuse3.Operations):
     @changes_live_tree
     async def removexattr(self, inode, name, ctx):
         ino = self._writable(inode)
+        if name in UNSUPPORTED_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.live.removexattr(ino, name)
         self.live.setattr(ino, ctime_ns=time.time_ns())
 
