@@ -3,8 +3,8 @@
 
 It does as little as a pyfuse3 filesystem can: files live in bytearrays, directories in
 dicts; no hashing, no compression, no index. It is configured the way backupfs is (long
-entry/attr timeouts, writeback cache, a getxattr that answers ENOATTR at once), so the
-difference between the two is what backupfs's own work costs, not FUSE or pyfuse3.
+entry/attr timeouts, writeback cache, a getxattr that answers at once: EOPNOTSUPP for
+ACLs and SELinux labels, ENOATTR for the rest; 1 MiB read-ahead), so the difference between the two is what backupfs's own work costs, not FUSE or pyfuse3.
 
     tools/memfs.py MOUNTPOINT [-o allow_other]     # foreground; unmount with fusermount3 -u
 
@@ -19,10 +19,18 @@ import errno
 import itertools
 import os
 import stat
+import sys
 import time
+from pathlib import Path
 
 import pyfuse3
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backupfs.daemon.mountinfo import set_read_ahead_once_serving  # noqa: E402
+from backupfs.daemon.serve import READ_AHEAD_KB  # noqa: E402
+from backupfs.fs.operations import UNSUPPORTED_XATTRS  # noqa: E402
 
 TIMEOUT = 300.0
 ROOT = pyfuse3.ROOT_INODE
@@ -234,6 +242,8 @@ class MemFS(pyfuse3.Operations):
         return s
 
     async def getxattr(self, inode, name, ctx):
+        if name in UNSUPPORTED_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode, ctx):
@@ -247,9 +257,22 @@ def main() -> None:
     args = ap.parse_args()
     opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
     opts |= {o for v in args.options for o in v.split(",") if o}
-    pyfuse3.init(MemFS(), args.mountpoint, opts)
+    mountpoint = Path(args.mountpoint).resolve()  # not once mounted: it would ask itself
+    pyfuse3.init(MemFS(), str(mountpoint), opts)
+
+    async def read_ahead(mountpoint: Path) -> None:
+        try:
+            await set_read_ahead_once_serving(mountpoint, READ_AHEAD_KB)
+        except OSError as e:
+            print(f"memfs: read-ahead left at the kernel's default: {e}", file=sys.stderr)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_ahead, mountpoint)
+            await pyfuse3.main()
+
     try:
-        trio.run(pyfuse3.main)
+        trio.run(serve)
     finally:
         pyfuse3.close(unmount=True)
 

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 FSTYPE = "fuse.backupfs"
 SOURCE_PREFIX = "backupfs:"
 
@@ -26,7 +28,6 @@ class Mount:
     mountpoint: Path
     store: Path
     options: str
-    device: str = ""  # "major:minor", the name of its backing device in /sys/class/bdi
 
 
 def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
@@ -44,9 +45,37 @@ def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
         source = _unescape(rest[1])
         if not source.startswith(SOURCE_PREFIX):
             continue
-        out.append(Mount(Path(_unescape(fields[4])), Path(source[len(SOURCE_PREFIX):]),
-                         fields[5], fields[2]))
+        out.append(Mount(Path(_unescape(fields[4])), Path(source[len(SOURCE_PREFIX):]), fields[5]))
     return out
+
+
+def mount_device(mountpoint: Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The "major:minor" of whatever is mounted exactly at `mountpoint` (any type),
+    read without touching the mount itself (which may not answer yet)."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and Path(_unescape(fields[4])) == mountpoint:
+            found = fields[2]  # the last one listed is the one on top
+    return found
+
+
+async def set_read_ahead_once_serving(mountpoint: Path, kb: int) -> None:
+    """Set the kernel's read-ahead for the FUSE mount at `mountpoint`, served by this
+    process's trio loop (root only; OSError otherwise).
+
+    It waits until the mount answered a request: the kernel caps the setting at what
+    the INIT reply allows (128 KiB) when that reply arrives."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    device = mount_device(mountpoint)
+    if device is None:
+        raise OSError(f"{mountpoint}: not a mountpoint")
+    Path("/sys/class/bdi", device, "read_ahead_kb").write_text(f"{kb}\n")
 
 
 def find_mount(mountpoint: str | os.PathLike) -> Mount | None:

@@ -28,7 +28,7 @@ from ..store import Store
 from ..store.blockstore import CompactResult
 from .control import ControlServer, control_group, share_store, snapshot_dict
 from .protocol import SOCKET_NAME
-from .mountinfo import SOURCE_PREFIX, backupfs_mounts, find_mount
+from .mountinfo import SOURCE_PREFIX, backupfs_mounts, find_mount, set_read_ahead_once_serving
 
 log = logging.getLogger("backupfs.daemon")
 
@@ -125,22 +125,11 @@ class Daemon:
         """Let the kernel read ahead READ_AHEAD_KB, not its default 128 KiB: a sequential
         read then comes as 1 MiB requests, a round trip per eight blocks instead of per
         block (what a cold `cp` out of a snapshot is bound by). Only root may; without
-        it, reads work as before.
-
-        The kernel lowers the setting to what the INIT reply allows (128 KiB) when that
-        reply arrives, so it is raised once the mount has answered a request."""
+        it, reads work as before."""
         try:
-            await trio.to_thread.run_sync(os.stat, self.mountpoint)
-        except OSError:
-            return
-        mount = next((m for m in backupfs_mounts() if m.mountpoint == self.mountpoint), None)
-        if mount is None or not mount.device:
-            return
-        knob = Path("/sys/class/bdi", mount.device, "read_ahead_kb")
-        try:
-            knob.write_text(f"{READ_AHEAD_KB}\n")
+            await set_read_ahead_once_serving(self.mountpoint, READ_AHEAD_KB)
         except OSError as e:
-            log.info("read-ahead left at the kernel's default (%s: %s)", knob, e.strerror)
+            log.info("read-ahead left at the kernel's default: %s", e)
 
     async def _serve(self) -> None:
         ops = self.ops
