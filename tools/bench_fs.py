@@ -7,7 +7,9 @@ and on a plain directory of the disk that holds the store:
   seq write     one file of --size bytes of mixed data (half random, half text-like, so
                 zstd halves it; no two blocks equal, so no dedup) in 1 MiB writes + fsync
   cold read     the same file after `echo 3 > /proc/sys/vm/drop_caches`, 1 MiB reads
-  create+write  --files files of 4 KiB in one directory (open, write, close)
+  create+write  --files files of 4 KiB in one directory (open, write, close); then a
+                6 s pause, so the deferred work of each (journal commit, transaction
+                group) is not timed in the measures that follow
   stat          os.lstat of every file, cold (caches dropped first)
   ls -l         `ls -l` of the directory, cold
   read          open, read, close every file, cold
@@ -37,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 CHUNK = 1 << 20
+SETTLE_S = 6.0
 
 
 def parse_size(s: str) -> int:
@@ -136,6 +139,10 @@ def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path | None
             os.close(dfd)
 
     res["create_write_files_per_s"] = nfiles / timed(create_write)
+    # Let deferred work finish before the next measure, on every target alike: ext4
+    # commits its journal every 5 s, backupfs seals small files in its transaction group
+    # every 5 s (`sync` does not reach a FUSE daemon), and neither belongs in `stat`/`ls`.
+    time.sleep(SETTLE_S)
     drop_caches()
 
     def stat_all():
