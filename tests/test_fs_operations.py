@@ -241,7 +241,8 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fs.data.run_sealers)
-            await trio.sleep(0)
+            while not fs.data._sealers:
+                await trio.lowlevel.checkpoint()
             for off in range(0, 32 * BS, 8 * BS):
                 await fs.write(fh, off, data[off:off + 8 * BS])
                 # Backpressure: never more than SEAL_AHEAD queued behind the sealers.
@@ -260,3 +261,43 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
     assert await fs.read(fh, 0, len(data)) == data
     assert all(fs.ns.live.block_hash(ino, n) is not None for n in range(64))
+
+
+async def test_a_sealer_that_fails_keeps_the_blocks_and_the_mount(fs, monkeypatch):
+    """An unexpected error while sealing (a bug, say) must not end the sealers, whose
+    nursery is the daemon's: the blocks go back to dirty and the next seal stores them."""
+    import trio
+
+    fh, ino = await new_file(fs)
+    data = os.urandom(8 * BS)
+    real_put_many = fs.store.blocks.put_many
+    failures = []
+
+    async def put_many(blocks):
+        if not failures:
+            failures.append(len(blocks))
+            raise RuntimeError("injected sealing bug")
+        return await real_put_many(blocks)
+
+    monkeypatch.setattr(fs.store.blocks, "put_many", put_many)
+    monkeypatch.setattr(trio, "sleep", _fast_sleep(trio.sleep))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.data.run_sealers)
+            while not fs.data._sealers:
+                await trio.lowlevel.checkpoint()
+            await fs.write(fh, 0, data)
+            while not failures:
+                await trio.lowlevel.checkpoint()
+            assert fs.data.has_dirty(ino)  # given back, not dropped
+            await fs.fsync(fh, False)  # the sealers are alive; this seals for real
+            assert fs.data._sealers == 1
+            nursery.cancel_scope.cancel()
+    assert all(fs.ns.live.block_hash(ino, n) is not None for n in range(8))
+    assert await fs.read(fh, 0, len(data)) == data
+
+
+def _fast_sleep(real_sleep):
+    async def sleep(seconds):
+        await real_sleep(min(seconds, 0.01))
+    return sleep

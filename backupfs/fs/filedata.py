@@ -235,6 +235,11 @@ class FileContents:
                     # transaction group reports it; no busy retry here.
                     log.warning("sealing written blocks: %s", e)
                     await trio.sleep(1)
+                except Exception:
+                    # Never let a sealer take the mount down (it runs beside pyfuse3's
+                    # loop): the blocks are dirty again, and the next commit retries.
+                    log.exception("sealing written blocks failed")
+                    await trio.sleep(1)
                 finally:
                     self._progress.set()
                     self._progress = trio.Event()
