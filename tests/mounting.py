@@ -75,6 +75,9 @@ class Mount:
                 self.kill()
                 raise AssertionError(f"mount did not appear in {MOUNT_TIMEOUT} s:\n{self.log()}")
             time.sleep(0.02)
+        # Mounted is not yet answering: the daemon creates its control socket, then
+        # serves. A stat waits for the first answer, as `backupfs mount` itself does.
+        os.stat(self.path)
         return self
 
     def stop(self) -> None:
