@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import trio
 
@@ -30,16 +31,21 @@ class Mount:
     options: str
 
 
-def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
-    out = []
+def _mountinfo(mountinfo: str) -> Iterator[tuple[list[str], list[str]]]:
+    """Each mount's fields before and after the " - " separator (none if unreadable)."""
     try:
         with open(mountinfo) as f:
             lines = f.read().splitlines()
     except OSError:
-        return out
+        return
     for line in lines:
         left, _, right = line.partition(" - ")
-        fields, rest = left.split(), right.split()
+        yield left.split(), right.split()
+
+
+def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    out = []
+    for fields, rest in _mountinfo(mountinfo):
         if len(fields) < 6 or len(rest) < 2 or rest[0] != FSTYPE:
             continue
         source = _unescape(rest[1])
@@ -52,14 +58,8 @@ def backupfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
 def mount_device(mountpoint: Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """The "major:minor" of whatever is mounted exactly at `mountpoint` (any type),
     read without touching the mount itself (which may not answer yet)."""
-    try:
-        with open(mountinfo) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
     found = None
-    for line in lines:
-        fields = line.split()
+    for fields, _ in _mountinfo(mountinfo):
         if len(fields) > 4 and Path(_unescape(fields[4])) == mountpoint:
             found = fields[2]  # the last one listed is the one on top
     return found

@@ -90,10 +90,7 @@ class FileContents:
                 if h is not None:
                     stored[i] = h
             chunks.append(buffered or b"")
-        if len(stored) == 1:
-            (i, h), = stored.items()
-            chunks[i] = await self.store.blocks.get_async(h)
-        elif stored:
+        if stored:
             # One worker-thread round per request, not one per block.
             for i, data in zip(stored, await self.store.blocks.get_many(list(stored.values()))):
                 chunks[i] = data
@@ -230,16 +227,15 @@ class FileContents:
                     batch.append(key)
                 try:
                     await self.seal_many(batch)
-                except OSError as e:
-                    # A full disk: the blocks are dirty again, and fsync or the next
-                    # transaction group reports it; no busy retry here.
-                    log.warning("sealing written blocks: %s", e)
-                    await trio.sleep(1)
-                except Exception:
-                    # Never let a sealer take the mount down (it runs beside pyfuse3's
-                    # loop): the blocks are dirty again, and the next commit retries.
-                    log.exception("sealing written blocks failed")
-                    await trio.sleep(1)
+                except Exception as e:
+                    # The blocks are dirty again; fsync or the next transaction group
+                    # retries and reports. A full disk is expected, anything else is a
+                    # bug, but neither may end the sealers: they run beside pyfuse3's
+                    # loop, and an escaping error would take the mount down.
+                    log.log(logging.WARNING if isinstance(e, OSError) else logging.ERROR,
+                            "sealing written blocks failed: %s", e,
+                            exc_info=not isinstance(e, OSError))
+                    await trio.sleep(1)  # no busy retry
                 finally:
                     self._progress.set()
                     self._progress = trio.Event()
@@ -315,8 +311,8 @@ class FileContents:
         if not items:
             return
         # All-zero blocks become holes: nothing stored, nothing to read back.
-        holes = {id(d) for _, _, d in items if self._is_zero(d)}
-        to_store = [d for _, _, d in items if id(d) not in holes]
+        holes = [self._is_zero(d) for _, _, d in items]
+        to_store = [d for (_, _, d), hole in zip(items, holes) if not hole]
         try:
             hashes = iter(await self.store.blocks.put_many(to_store) if to_store else [])
         except BaseException:
@@ -330,8 +326,8 @@ class FileContents:
                     bufs.changes += 1
             raise
         sizes: dict[int, int] = {}
-        for bufs, n, data in items:
-            h = None if id(data) in holes else next(hashes)
+        for (bufs, n, data), hole in zip(items, holes):
+            h = None if hole else next(hashes)
             size = sizes.get(bufs.ino)
             if size is None:
                 try:
