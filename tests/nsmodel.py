@@ -82,6 +82,8 @@ def describe_view(view, block_size: int) -> tuple[dict[bytes, int], dict[int, tu
         # block_range and block_hash must agree, holes included.
         assert tuple((n, view.block_hash(attr.ino, n)) for n in range(nblocks)
                      if view.block_hash(attr.ino, n) is not None) == blocks
+        # st_blocks comes from this count, kept by write_block(s) and truncation.
+        assert attr.stored_blocks == len(blocks), f"inode {attr.ino}"
         xattrs = tuple(sorted((n, view.getxattr(attr.ino, n)) for n in view.listxattr(attr.ino)))
         target = view.readlink(attr.ino) if stat.S_ISLNK(attr.mode) else b""
         return (attr.mode, attr.uid, attr.gid, attr.size, attr.nlink, attr.atime_ns, target,

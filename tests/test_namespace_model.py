@@ -192,22 +192,29 @@ class NamespaceMachine(RuleBasedStateMachine):
 
     # -- rules: contents and attributes ----------------------------------------------
 
-    @rule(data=st.data(), n=st.integers(0, 5), content=CONTENTS)
-    def write_block(self, data, n, content):
+    @rule(data=st.data(), writes=st.lists(st.tuples(st.integers(0, 5), CONTENTS),
+                                          min_size=1, max_size=3))
+    def write_blocks(self, data, writes):
+        """One block through write_block, several (the same one twice, maybe) through
+        write_blocks, as the filesystem seals them."""
         ino = self.pick_file(data)
         if ino is None:
             return
-        h = self.store.blocks.put(content) if content is not None else None
-        self.live.write_block(ino, n, h)
-        node = self.model.inodes[ino]
-        if h is None:
-            node.blocks.pop(n, None)
+        blocks = [(n, self.store.blocks.put(c) if c is not None else None) for n, c in writes]
+        if len(blocks) == 1:
+            self.live.write_block(ino, *blocks[0])
         else:
-            node.blocks[n] = h
-        end = n * BS + (len(content) if content else 0)
-        if end > node.size:
-            self.live.setattr(ino, size=end)
-            node.size = end
+            self.live.write_blocks(ino, blocks)
+        node = self.model.inodes[ino]
+        for (n, h), (_, content) in zip(blocks, writes):
+            if h is None:
+                node.blocks.pop(n, None)
+            else:
+                node.blocks[n] = h
+            end = n * BS + (len(content) if content else 0)
+            if end > node.size:
+                self.live.setattr(ino, size=end)
+                node.size = end
 
     @rule(data=st.data(), size=st.integers(0, 6 * BS))
     def truncate(self, data, size):

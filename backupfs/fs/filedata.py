@@ -175,8 +175,11 @@ class FileContents:
         for n in range(offset // bs, (end - 1) // bs + 1 if data else offset // bs):
             start = n * bs
             lo, hi = max(offset, start) - start, min(end, start + bs) - start
-            size = self.ns.live.getattr(ino).size
-            buf = await self._dirty_block(bufs, n, size, whole=(lo == 0 and hi == bs))
+            whole = lo == 0 and hi == bs
+            # Only a partial block is filled from the file's bytes, up to its size (read
+            # afresh: an earlier block's read may have awaited while a truncate ran).
+            size = 0 if whole else self.ns.live.getattr(ino).size
+            buf = await self._dirty_block(bufs, n, size, whole)
             if len(buf) < lo:
                 buf.extend(bytes(lo - len(buf)))
             buf[lo:hi] = view[start + lo - offset:start + hi - offset]
@@ -326,6 +329,7 @@ class FileContents:
                     bufs.changes += 1
             raise
         sizes: dict[int, int] = {}
+        mapped: dict[int, list[tuple[int, bytes | None]]] = {}  # by inode: (block no, hash)
         for (bufs, n, data), hole in zip(items, holes):
             h = None if hole else next(hashes)
             size = sizes.get(bufs.ino)
@@ -337,13 +341,15 @@ class FileContents:
                 sizes[bufs.ino] = size
             current = bufs.sealing.get(n) is data
             if current and n * self.block_size < size:
-                self.ns.live.write_block(bufs.ino, n, h)
+                mapped.setdefault(bufs.ino, []).append((n, h))
             elif h is not None:
                 # Superseded by a later write or cut off by a truncate while we sealed.
                 self.store.blocks.decref(h)
             if current:
                 del bufs.sealing[n]
                 bufs.changes += 1
+        for ino, blocks in mapped.items():
+            self.ns.live.write_blocks(ino, blocks)
 
     async def truncate(self, ino: int, new_size: int) -> None:
         """Drop buffered bytes past `new_size`, and make sure the block that now holds

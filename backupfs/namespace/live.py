@@ -238,11 +238,18 @@ class LiveView(NamespaceView):
     def write_block(self, ino: int, n: int, block_hash: bytes | None) -> None:
         """Point block n at `block_hash` (None: a hole). The caller hands over one
         reference to the block; the reference of a block it replaces is released."""
+        self.write_blocks(ino, [(n, block_hash)])
+
+    def write_blocks(self, ino: int, blocks: list[tuple[int, bytes | None]]) -> None:
+        """`write_block` for many blocks of one inode: the inode record is read and
+        rewritten once, not once a block (a 1 MiB write seals eight blocks)."""
         attr = self.getattr(ino)
-        prefix = rec.block_prefix(ino, n)
-        had = self.ns.blockmap.read(prefix, self.epoch) is not None
-        self.ns.blockmap.write(prefix, block_hash)
-        delta = (block_hash is not None) - had
+        delta = 0
+        for n, block_hash in blocks:
+            prefix = rec.block_prefix(ino, n)
+            had = self.ns.blockmap.read(prefix, self.epoch) is not None
+            self.ns.blockmap.write(prefix, block_hash)
+            delta += (block_hash is not None) - had
         if delta:
             self._put(attr.changed(stored_blocks=attr.stored_blocks + delta))
 
