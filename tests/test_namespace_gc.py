@@ -135,6 +135,24 @@ def test_second_snapshot_with_no_change_between_keeps_shared_versions(ns):
     check_versions_exact(ns)
 
 
+def test_a_name_removed_twice_across_snapshots_leaves_no_tombstone(ns):
+    """Found by the model test: removed, snapshot, created and removed again gives two
+    tombstones in a row. Deleting the snapshots must drop both, not only the oldest."""
+    live = ns.live
+    live.create(ROOT_INO, b"a", stat.S_IFREG | 0o644, 0, 0, 1)
+    ns.snapshot(now_ns=2 * 10**9)
+    live.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0, 3)
+    ns.snapshot(now_ns=4 * 10**9)
+    live.create(ROOT_INO, b"a", stat.S_IFREG | 0o644, 0, 0, 5)
+    live.unlink(ROOT_INO, b"a", 6)
+    for record in ns.snapshots():
+        ns.delete_snapshot(record.id)
+    check_versions_exact(ns)
+    assert live.child(ROOT_INO, b"a") is None
+    names = [k for k, _ in ns.store.txn.cursor(db=ns.entries.db)]
+    assert len(names) == 1  # "b" alone: nothing is left of "a"
+
+
 def test_snapshot_is_one_small_write_whatever_the_tree_size(ns):
     for i in range(2000):
         ns.live.create(ROOT_INO, b"%d" % i, stat.S_IFREG | 0o644, 0, 0, i)

@@ -154,15 +154,15 @@ class VersionedTable:
         elif i + 1 < len(versions):
             deadlist.remove(born, self, prefix)  # the older neighbour is now the newest
         del versions[i]
-        self._drop_needless_tombstone(prefix, versions)
+        self._drop_needless_tombstones(prefix, versions)
 
-    def _drop_needless_tombstone(self, prefix: bytes, versions: list[tuple[int, bytes]]) -> None:
-        """A tombstone with no older version hides nothing: remove it (and its deadlist
-        entry, if a newer version killed it)."""
-        if not versions or versions[-1][1]:
-            return
-        oldest_born = versions[-1][0]
-        self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)
-        self.ns.births.remove(oldest_born, self, prefix)
-        if len(versions) > 1:
-            self.ns.deadlist.remove(versions[-2][0], self, prefix)
+    def _drop_needless_tombstones(self, prefix: bytes, versions: list[tuple[int, bytes]]) -> None:
+        """Tombstones with no older version hide nothing: remove them, oldest first (with
+        the deadlist entry of each, killed by the next newer version). There can be two
+        in a row: a name removed, created again after a snapshot and removed again."""
+        while versions and not versions[-1][1]:
+            oldest_born = versions.pop()[0]
+            self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)
+            self.ns.births.remove(oldest_born, self, prefix)
+            if versions:
+                self.ns.deadlist.remove(versions[-1][0], self, prefix)
