@@ -298,6 +298,13 @@ class NamespaceMachine(RuleBasedStateMachine):
             assert_view_matches(self.ns.view(record.epoch), frozen, BS)
 
     @invariant()
+    def live_caches_match_the_store(self):
+        """What each table keeps in memory for the live epoch is what LMDB holds."""
+        for table in self.ns.tables.values():
+            for prefix, cached in table._recent.items():
+                assert cached == table.versions(prefix), (table.name, prefix)
+
+    @invariant()
     def garbage_collection_is_exact(self):
         refs = check_versions_exact(self.ns)
         for loc in self.store.blocks.iter_locations():

@@ -138,8 +138,8 @@ class FileContents:
             buf = bufs.dirty.get(n)
             if buf is not None:
                 return buf
-            if whole:
-                content = b""
+            if whole or n * self.block_size >= file_size:
+                content = b""  # nothing of the old block shows
             elif n in bufs.sealing:
                 content = bufs.sealing[n]
             else:

@@ -12,6 +12,7 @@ import stat
 
 from . import records as rec
 from .records import Attr
+from .versions import LIVE_CACHE_MAX
 from .view import NamespaceView, fail
 
 RENAME_NOREPLACE = 1
@@ -23,10 +24,25 @@ XATTR_REPLACE = 2
 class LiveView(NamespaceView):
     def __init__(self, ns):
         super().__init__(ns, None)
+        # ino -> (the inode record, its Attr): the table's live cache hands back the very
+        # bytes object it was given, so an unchanged record is decoded only once.
+        self._attrs: dict[int, tuple[bytes, Attr]] = {}
 
     @property
     def epoch(self) -> int:
         return self.ns.epoch
+
+    def _decode_inode(self, ino: int, v: bytes) -> Attr:
+        known = self._attrs.get(ino)
+        if known is not None and known[0] is v:
+            return known[1]
+        return self._remember(super()._decode_inode(ino, v), v)
+
+    def _remember(self, attr: Attr, v: bytes) -> Attr:
+        if len(self._attrs) >= LIVE_CACHE_MAX:
+            self._attrs.clear()
+        self._attrs[attr.ino] = (v, attr)
+        return attr
 
     @property
     def readonly(self) -> bool:
@@ -35,8 +51,9 @@ class LiveView(NamespaceView):
     # -- small helpers ---------------------------------------------------------------
 
     def _put(self, attr: Attr) -> Attr:
-        self.ns.inodes.write(rec.inode_prefix(attr.ino), rec.pack_inode(attr))
-        return attr
+        v = rec.pack_inode(attr)
+        self.ns.inodes.write(rec.inode_prefix(attr.ino), v)
+        return self._remember(attr, v)
 
     def _set_entry(self, parent: int, name: bytes, ino: int | None) -> None:
         value = None if ino is None else rec.U64.pack(ino)

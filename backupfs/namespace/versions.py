@@ -29,6 +29,11 @@ def after_all_versions(prefix: bytes) -> bytes:
     return prefix + b"\xff" * 8 + b"\0"
 
 
+# Keys whose live value is kept in memory, per table (cleared when full: the daemon
+# touches a working set of recent inodes, far smaller than this).
+LIVE_CACHE_MAX = 1 << 16
+
+
 class VersionedTable:
     def __init__(self, ns: "Namespace", name: str, table_id: int,
                  release: Callable[[bytes], None] | None = None):
@@ -37,6 +42,14 @@ class VersionedTable:
         self.table_id = table_id
         self.db = ns.store.open_db(name)
         self._release = release
+        # prefix -> its versions, as `versions` gives them. The daemon's LMDB work is
+        # mostly at the live epoch, where the newest version is the one seen: creating a
+        # small file reads its inode about ten times and rewrites it four. Every change
+        # to a key goes through this class, which keeps its entry right; a snapshot
+        # changes no version, so the cache outlives it. (It assumes the write
+        # transaction is never rolled back under it: the store aborts one only when it
+        # closes.)
+        self._recent: dict[bytes, list[tuple[int, bytes]]] = {}
 
     def _cursor(self):
         return self.ns.store.txn.cursor(db=self.db)
@@ -45,6 +58,9 @@ class VersionedTable:
 
     def read(self, prefix: bytes, epoch: int) -> bytes | None:
         """The value visible at `epoch`, or None if absent there."""
+        if epoch == self.ns.epoch:
+            newest = self._cached_versions(prefix)
+            return (newest[0][1] or None) if newest else None
         c = self._cursor()
         if not c.set_range(version_key(prefix, epoch)):
             return None
@@ -52,6 +68,19 @@ class VersionedTable:
         if len(k) != len(prefix) + 8 or not k.startswith(prefix):
             return None
         return c.value() or None
+
+    def _cached_versions(self, prefix: bytes) -> list[tuple[int, bytes]]:
+        try:
+            return self._recent[prefix]
+        except KeyError:
+            found = self.versions(prefix)
+            self._remember(prefix, found)
+            return found
+
+    def _remember(self, prefix: bytes, versions: list[tuple[int, bytes]]) -> None:
+        if len(self._recent) >= LIVE_CACHE_MAX:
+            self._recent.clear()
+        self._recent[prefix] = versions
 
     def versions(self, prefix: bytes) -> list[tuple[int, bytes]]:
         """Every version of a key, newest first: (birth epoch, value)."""
@@ -102,30 +131,41 @@ class VersionedTable:
 
     def write(self, prefix: bytes, value: bytes | None, epoch: int | None = None) -> None:
         """Make `value` (None: absent) the key's value from `epoch` (default: live) on."""
+        newer = self._cached_versions(prefix)
+        # Forgotten first, so that a write that fails half-way leaves no stale entry.
+        del self._recent[prefix]
+        after = self._write(prefix, value, epoch, newer)
+        if epoch is None:
+            self._remember(prefix, after)
+
+    def _write(self, prefix: bytes, value: bytes | None, epoch: int | None,
+               newer: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """The write itself, given the key's versions; returns them as they are after."""
         ns = self.ns
         at = ns.epoch if epoch is None else epoch
         txn = ns.store.txn
-        newer = self.versions(prefix)
         new_value = TOMBSTONE if value is None else value
         if not newer:
-            if value is not None:
-                txn.put(version_key(prefix, at), new_value, db=self.db)
-                ns.births.add(at, self, prefix)
-            return
+            if value is None:
+                return []
+            txn.put(version_key(prefix, at), new_value, db=self.db)
+            ns.births.add(at, self, prefix)
+            return [(at, new_value)]
         born, old = newer[0]
         if born == at or not ns.seen_by_snapshot(born, at):
             self._release_value(old)
             if value is None and len(newer) == 1:
                 txn.delete(version_key(prefix, born), db=self.db)
                 ns.births.remove(born, self, prefix)
-            else:
-                txn.put(version_key(prefix, born), new_value, db=self.db)
-            return
+                return []
+            txn.put(version_key(prefix, born), new_value, db=self.db)
+            return [(born, new_value)] + newer[1:]
         if value is None and not old:
-            return  # already absent
+            return newer  # already absent
         txn.put(version_key(prefix, at), new_value, db=self.db)
         ns.births.add(at, self, prefix)
         ns.deadlist.add(at, self, prefix, born)
+        return [(at, new_value)] + newer
 
     def _release_value(self, value: bytes) -> None:
         if value and self._release is not None:
@@ -137,6 +177,7 @@ class VersionedTable:
         Keeps the deadlist invariant: a version that is not the newest has one entry,
         keyed by the birth epoch of the next newer version (its killer).
         """
+        self._recent.pop(prefix, None)
         versions = self.versions(prefix)
         i = next((i for i, (b, _) in enumerate(versions) if b == born), None)
         if i is None:
@@ -160,6 +201,8 @@ class VersionedTable:
         """Tombstones with no older version hide nothing: remove them, oldest first (with
         the deadlist entry of each, killed by the next newer version). There can be two
         in a row: a name removed, created again after a snapshot and removed again."""
+        if versions and not versions[-1][1]:
+            self._recent.pop(prefix, None)
         while versions and not versions[-1][1]:
             oldest_born = versions.pop()[0]
             self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)

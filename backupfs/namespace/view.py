@@ -42,6 +42,9 @@ class NamespaceView:
         v = self.ns.inodes.read(rec.inode_prefix(ino), self.epoch)
         if v is None:
             raise fail(errno.ENOENT, f"inode {ino}")
+        return self._decode_inode(ino, v)
+
+    def _decode_inode(self, ino: int, v: bytes) -> Attr:
         return rec.unpack_inode(ino, v)
 
     def readlink(self, ino: int) -> bytes:
