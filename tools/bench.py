@@ -160,6 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="sequential file size (default 1G)")
     ap.add_argument("--files", type=int, default=10000, help="small files (default 10000)")
+    ap.add_argument("--rounds", type=int, default=3, help="bench_fs rounds (default 3)")
     ap.add_argument("--tree", default="1G", help="nightly/restore tree size (default 1G)")
     ap.add_argument("--tree-files", type=int, default=16000, help="files in that tree")
     ap.add_argument("--snapshot-sizes", default="1000,100000,1000000")
@@ -176,7 +177,7 @@ def main() -> None:
     # 1. the filesystem workloads, with their baselines (tools/bench_fs.py)
     fs_json = work / "bench_fs.json"
     subprocess.run([PY, str(HERE / "bench_fs.py"), "--size", args.size, "--files",
-                    str(args.files), "--json", str(fs_json)], check=True)
+                    str(args.files), "--rounds", str(args.rounds), "--json", str(fs_json)], check=True)
     results["filesystem"] = json.loads(fs_json.read_text())
 
     # 2, 3, 5 on one mount
@@ -212,13 +213,14 @@ def main() -> None:
 
 
 def report(r: dict) -> None:
-    fs = r["filesystem"]["results"]
+    fs, ratios = r["filesystem"]["medians"], r["filesystem"]["ratios"]
     print(f"\nload average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end, "
-          f"{r['cpus']} CPUs")
+          f"{r['cpus']} CPUs; filesystem figures are medians of "
+          f"{len(r['filesystem']['rounds'])} rounds")
     print(f"{'measure':30} {'raw':>9} {'memfs':>9} {'backupfs':>9} {'b/raw':>6} {'b/memfs':>7}")
-    for k in fs["raw"]:
+    for k, ratio in ratios.items():
         a, m, b = fs["raw"][k], fs["memfs"][k], fs["backupfs"][k]
-        print(f"{k:30} {a:9.1f} {m:9.1f} {b:9.1f} {b / a:6.2f} {b / m:7.2f}")
+        print(f"{k:30} {a:9.1f} {m:9.1f} {b:9.1f} {ratio['vs_raw']:6.2f} {ratio['vs_memfs']:7.2f}")
     rs = r["restore"]
     print(f"{'restore cp -a MB/s':30} {rs['raw_MBps']:9.1f} {'':>9} {rs['backupfs_MBps']:9.1f} "
           f"{rs['ratio']:6.2f}")

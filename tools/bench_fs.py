@@ -6,6 +6,8 @@ and on a plain directory of the disk that holds the store:
 
   seq write     one file of --size bytes of mixed data (half random, half text-like, so
                 zstd halves it; no two blocks equal, so no dedup) in 1 MiB writes + fsync
+  seq rewrite   the same bytes again into a second file: what a nightly full copy of an
+                unchanged tree costs (backupfs stores nothing new; the others write it all)
   cold read     the same file after `echo 3 > /proc/sys/vm/drop_caches`, 1 MiB reads
   create+write  --files files of 4 KiB in one directory (open, write, close); then a
                 6 s pause, so the deferred work of each (journal commit, transaction
@@ -16,11 +18,16 @@ and on a plain directory of the disk that holds the store:
   cp -a in      `cp -a` of the raw disk's copy of those files into the filesystem
   unlink        unlink every file
 
-Prints a table with the figures and the ratios backupfs/raw and backupfs/memfs (above 1
-is better for rates; for times it is the slowdown), and with --json writes them as JSON.
-Needs root (drop_caches). Run it on an otherwise quiet machine, once.
+The work runs in --rounds rounds (default 3), each with fresh data and the three targets
+in a rotated order, so a burst of noise (a busy neighbour, the host flushing its cache)
+falls on one round of one target rather than on one target's only figure. The table gives
+medians over the rounds: of each figure, and of the per-round ratios backupfs/raw and
+backupfs/memfs (above 1 is better for rates; for times it is the slowdown), with the
+range of the memfs ratio beside it. --json writes every round's figures.
+Needs root (drop_caches). Run it on an otherwise quiet machine.
 
-    sudo .venv/bin/python tools/bench_fs.py [--size 1G] [--files 10000] [--json out.json]
+    sudo .venv/bin/python tools/bench_fs.py [--size 1G] [--files 10000] [--rounds 3]
+                                            [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,13 +97,13 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path | None) -> dict:
+def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> dict:
     res: dict[str, float] = {}
     size = len(data)
     big = root / "big"
 
-    def write_big():
-        fd = os.open(big, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    def write_big(path=big):
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         try:
             mv = memoryview(data)
             for off in range(0, size, CHUNK):
@@ -105,6 +113,8 @@ def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path | None
             os.close(fd)
 
     res["seq_write_MBps"] = size / 1e6 / timed(write_big)
+    res["seq_rewrite_MBps"] = size / 1e6 / timed(lambda: write_big(big.with_name("big2")))
+    os.unlink(big.with_name("big2"))
     drop_caches()
 
     def read_big():
@@ -161,34 +171,57 @@ def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path | None
                 assert len(f.read()) == 4096
 
     res["read_files_per_s"] = nfiles / timed(read_all)
-    if source_small is not None:
-        res["cp_a_in_files_per_s"] = nfiles / timed(lambda: subprocess.run(
-            ["cp", "-a", str(source_small), str(root / "copy")], check=True))
+    res["cp_a_in_files_per_s"] = nfiles / timed(lambda: subprocess.run(
+        ["cp", "-a", str(source_small), str(root / "copy")], check=True))
     res["unlink_files_per_s"] = nfiles / timed(lambda: [os.unlink(small / n) for n in names])
+    small.rmdir()
+    shutil.rmtree(root / "copy")
     return res
+
+
+def median_table(rounds: list[dict[str, dict]]) -> tuple[dict, dict]:
+    """Medians over the rounds: {target: {measure: value}} and {measure: {ratio: value}},
+    each ratio the median of the per-round ratios (not the ratio of the medians), plus
+    the lowest and highest backupfs/memfs ratio of any round."""
+    keys = list(rounds[0]["raw"])
+    medians = {t: {k: statistics.median(r[t][k] for r in rounds) for k in keys}
+               for t in rounds[0]}
+    ratios = {}
+    for k in keys:
+        vs_raw = [r["backupfs"][k] / r["raw"][k] for r in rounds]
+        vs_mem = [r["backupfs"][k] / r["memfs"][k] for r in rounds]
+        ratios[k] = {"vs_raw": statistics.median(vs_raw), "vs_memfs": statistics.median(vs_mem),
+                     "vs_memfs_min": min(vs_mem), "vs_memfs_max": max(vs_mem)}
+    return medians, ratios
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="backupfs vs raw disk vs memfs")
     ap.add_argument("--size", default="1G", help="size of the sequential file (default 1G)")
     ap.add_argument("--files", type=int, default=10000, help="small files (default 10000)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds to take medians over "
+                    "(default 3)")
     ap.add_argument("--dir", default=None, help="work directory on the disk to measure "
                     "(default: a new one under /tmp)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_fs needs root (it drops the page cache)")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     size = parse_size(args.size)
     work = Path(args.dir or tempfile.mkdtemp(prefix="backupfs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    raw, store = work / "raw", work / "store"
+    raw, store, source = work / "raw", work / "store", work / "small-source"
     mnt_b, mnt_m = work / "mnt-backupfs", work / "mnt-memfs"
-    for p in (raw, mnt_b, mnt_m):
+    for p in (raw, mnt_b, mnt_m, source):
         p.mkdir(exist_ok=False)
-    print(f"generating {size / 2**20:.0f} MiB of mixed data ...", flush=True)
-    data = mixed_data(size)
+    # The tree that `cp -a` copies in, on the raw disk.
+    for i in range(args.files):
+        (source / f"file-{i:05d}").write_bytes(os.urandom(4096))
     memfs = None
-    results: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = []
+    targets = [("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)]
     try:
         subprocess.run([PY, "-m", "backupfs", "init", str(store)], check=True, cwd=REPO,
                        stdout=subprocess.DEVNULL)
@@ -198,21 +231,18 @@ def main() -> None:
                                  stdin=subprocess.DEVNULL)
         wait_mounted(mnt_m, memfs, "memfs")
         wait_mounted(mnt_b, None, "backupfs")
-        for name, root in (("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)):
-            print(f"measuring {name} ...", flush=True)
-            src = raw / "small-source" if name != "raw" else None
-            results[name] = bench_target(root, data, args.files, src)
-            if name == "raw":
-                # keep a tree on the raw disk for the cp -a of the other two
-                (raw / "small-source").mkdir()
-                for i in range(args.files):
-                    (raw / "small-source" / f"file-{i:05d}").write_bytes(os.urandom(4096))
-                results[name]["cp_a_in_files_per_s"] = args.files / timed(
-                    lambda: subprocess.run(["cp", "-a", str(raw / "small-source"),
-                                            str(raw / "copy")], check=True))
+        for n in range(args.rounds):
+            # Fresh bytes every round: backupfs must not dedup against the last round.
+            print(f"round {n + 1}: generating {size / 2**20:.0f} MiB of mixed data ...",
+                  flush=True)
+            data = mixed_data(size)
+            results: dict[str, dict] = {}
+            for name, root in targets[n % 3:] + targets[:n % 3]:
+                print(f"round {n + 1}: measuring {name} ...", flush=True)
+                results[name] = bench_target(root, data, args.files, source)
+            rounds.append(results)
         subprocess.run(["sync"], check=True)
         stored = sum(f.stat().st_size for f in (store / "packs").rglob("*") if f.is_file())
-        results["backupfs"]["store_packs_MB_after_run"] = stored / 1e6
     finally:
         if is_mounted(mnt_b):
             subprocess.run([PY, "-m", "backupfs", "umount", str(mnt_b)], cwd=REPO)
@@ -226,27 +256,28 @@ def main() -> None:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    keys = [k for k in results["raw"]]
+    medians, ratios = median_table(rounds)
     print()
     load = os.getloadavg()
-    print(f"size {size / 2**20:.0f} MiB, {args.files} small files, "
-          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs "
-          f"(other work on the machine depresses every column)")
-    head = f"{'measure':28} {'raw':>10} {'memfs':>10} {'backupfs':>10} {'bfs/raw':>8} {'bfs/mem':>8}"
+    print(f"size {size / 2**20:.0f} MiB, {args.files} small files, {args.rounds} rounds "
+          f"(medians), load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
+          f"{os.cpu_count()} CPUs (other work on the machine depresses every column)")
+    head = (f"{'measure':26} {'raw':>9} {'memfs':>9} {'backupfs':>9} {'bfs/raw':>8} "
+            f"{'bfs/mem':>8} {'(range)':>12}")
     print(head)
     print("-" * len(head))
-    ratios = {}
-    for k in keys:
-        r, m, b = results["raw"][k], results["memfs"][k], results["backupfs"][k]
-        ratios[k] = {"vs_raw": b / r, "vs_memfs": b / m}
-        print(f"{k:28} {r:10.2f} {m:10.2f} {b:10.2f} {b / r:8.2f} {b / m:8.2f}")
-    print(f"backupfs packs on disk after the run: "
-          f"{results['backupfs']['store_packs_MB_after_run']:.0f} MB "
-          f"(written: {size / 1e6:.0f} MB sequential, then small files)")
+    for k, r in ratios.items():
+        m = [medians[t][k] for t in ("raw", "memfs", "backupfs")]
+        span = f"{r['vs_memfs_min']:.2f}-{r['vs_memfs_max']:.2f}"
+        print(f"{k:26} {m[0]:9.2f} {m[1]:9.2f} {m[2]:9.2f} {r['vs_raw']:8.2f} "
+              f"{r['vs_memfs']:8.2f} {span:>12}")
+    print(f"backupfs packs on disk after the run: {stored / 1e6:.0f} MB (each round stores "
+          f"{size / 1e6:.0f} MB of half-compressible data once, its rewrite dedups)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": size, "files": args.files, "loadavg": load,
-                       "cpus": os.cpu_count(), "results": results, "ratios": ratios},
+                       "cpus": os.cpu_count(), "rounds": rounds, "medians": medians,
+                       "ratios": ratios, "store_packs_MB_after_run": stored / 1e6},
                       f, indent=2)
         print(f"wrote {args.json}")
 
