@@ -84,7 +84,7 @@ def test_snapshot_of_a_missing_path(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [("list",), ("snapshot",), ("delete", "x"), ("hold", "x"),
-                                 ("prune", "--keep-last", "1")])
+                                 ("prune", "--keep-last", "1"), ("sync",)])
 def test_commands_on_a_store_with_no_daemon(store, cmd):
     fails_with(cmd[0], store, *cmd[1:], match="no backupfs daemon is running")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mounting import backupfs
+
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 
 BS = 128 * 1024
@@ -183,6 +185,23 @@ def test_unsynced_writes_lost_cleanly_on_sigkill(mount_factory):
     assert kept in (b"k" * 1000, b"CHANGED" + b"k" * 993)
     if (m.path / "maybe").exists():
         os.stat(m.path / "maybe")
+    m.stop()
+
+
+def test_backupfs_sync_makes_unfsynced_writes_durable(mount_factory):
+    """`sync` stops at the kernel (FUSE gets no syncfs): `backupfs sync` commits."""
+    m = mount_factory(txg_interval=3600).start()
+    data = os.urandom(3 * BS + 5)
+    (m.path / "synced").write_bytes(data)         # closed, never fsynced
+    (m.path / "d").mkdir()
+    os.sync()                                     # what an admin would try first
+    backupfs("sync", m.path)
+    (m.path / "late").write_bytes(b"after the sync")
+    m.kill()                                      # no transaction group ran meanwhile
+    m.start()
+    assert (m.path / "synced").read_bytes() == data
+    assert (m.path / "d").is_dir()
+    assert not (m.path / "late").exists()         # only the sync committed anything
     m.stop()
 
 

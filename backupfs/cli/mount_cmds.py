@@ -1,4 +1,4 @@
-"""mount and umount."""
+"""mount, umount and sync."""
 
 from __future__ import annotations
 
@@ -143,3 +143,18 @@ def umount_cmd(mountpoint, lazy):
     if not _wait_for_store_release(m.store, UMOUNT_WAIT):
         raise BackupfsError(f"{mountpoint}: unmounted, but the daemon has not finished "
                             f"writing after {UMOUNT_WAIT:.0f} s")
+
+
+@main.command("sync")
+@click.argument("target", metavar="MOUNTPOINT|STORE")
+def sync_cmd(target):
+    """Make everything written to a mount so far durable, and release the space of
+    deleted files; returns when it is on disk.
+
+    `sync` and syncfs() stop at the kernel: it writes its cached pages to the daemon but
+    does not ask a FUSE filesystem to commit. Without fsync or this command, writes
+    become durable at the next transaction group (5 s by default)."""
+    from ..daemon.protocol import ControlClient
+    from .target import resolve_store
+
+    ControlClient(resolve_store(target)).call("flush")
