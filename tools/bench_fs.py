@@ -18,6 +18,10 @@ and on a plain directory of the disk that holds the store:
   cp -a in      `cp -a` of the raw disk's copy of those files into the filesystem
   unlink        unlink every file
 
+After each round, the sequential write also goes into `memfs --discard-data`, which keeps
+no bytes: the cost of FUSE and pyfuse3 alone (memfs itself is no ceiling for big writes:
+it pays for the fresh memory it stores them in).
+
 The work runs in --rounds rounds (default 3), each with fresh data and the three targets
 in a rotated order, so a burst of noise (a busy neighbour, the host flushing its cache)
 falls on one round of one target rather than on one target's only figure. The table gives
@@ -97,24 +101,28 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> dict:
-    res: dict[str, float] = {}
-    size = len(data)
-    big = root / "big"
-
-    def write_big(path=big):
+def seq_write_MBps(path: Path, data: bytes) -> float:
+    """Write `data` to a new file in 1 MiB writes, then fsync; MB/s."""
+    def write():
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         try:
             mv = memoryview(data)
-            for off in range(0, size, CHUNK):
+            for off in range(0, len(data), CHUNK):
                 os.write(fd, mv[off:off + CHUNK])
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    res["seq_write_MBps"] = size / 1e6 / timed(write_big)
-    res["seq_rewrite_MBps"] = size / 1e6 / timed(lambda: write_big(big.with_name("big2")))
-    os.unlink(big.with_name("big2"))
+    return len(data) / 1e6 / timed(write)
+
+
+def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> dict:
+    res: dict[str, float] = {}
+    size = len(data)
+    big = root / "big"
+    res["seq_write_MBps"] = seq_write_MBps(big, data)
+    res["seq_rewrite_MBps"] = seq_write_MBps(root / "big2", data)
+    os.unlink(root / "big2")
     drop_caches()
 
     def read_big():
@@ -213,14 +221,15 @@ def main() -> None:
     work = Path(args.dir or tempfile.mkdtemp(prefix="backupfs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     raw, store, source = work / "raw", work / "store", work / "small-source"
-    mnt_b, mnt_m = work / "mnt-backupfs", work / "mnt-memfs"
-    for p in (raw, mnt_b, mnt_m, source):
+    mnt_b, mnt_m, mnt_s = work / "mnt-backupfs", work / "mnt-memfs", work / "mnt-sink"
+    for p in (raw, mnt_b, mnt_m, mnt_s, source):
         p.mkdir(exist_ok=False)
     # The tree that `cp -a` copies in, on the raw disk.
     for i in range(args.files):
         (source / f"file-{i:05d}").write_bytes(os.urandom(4096))
-    memfs = None
+    memfs = sink = None
     rounds: list[dict[str, dict]] = []
+    sink_MBps: list[float] = []  # sequential write into memfs --discard-data
     targets = [("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)]
     try:
         subprocess.run([PY, "-m", "backupfs", "init", str(store)], check=True, cwd=REPO,
@@ -229,7 +238,10 @@ def main() -> None:
                        cwd=REPO, stdout=subprocess.DEVNULL)
         memfs = subprocess.Popen([PY, str(HERE / "memfs.py"), str(mnt_m)],
                                  stdin=subprocess.DEVNULL)
+        sink = subprocess.Popen([PY, str(HERE / "memfs.py"), "--discard-data", str(mnt_s)],
+                                stdin=subprocess.DEVNULL)
         wait_mounted(mnt_m, memfs, "memfs")
+        wait_mounted(mnt_s, sink, "memfs --discard-data")
         wait_mounted(mnt_b, None, "backupfs")
         for n in range(args.rounds):
             # Fresh bytes every round: backupfs must not dedup against the last round.
@@ -241,18 +253,23 @@ def main() -> None:
                 print(f"round {n + 1}: measuring {name} ...", flush=True)
                 results[name] = bench_target(root, data, args.files, source)
             rounds.append(results)
+            print(f"round {n + 1}: measuring the FUSE channel alone ...", flush=True)
+            sink_MBps.append(seq_write_MBps(mnt_s / "big", data))
+            os.unlink(mnt_s / "big")
         subprocess.run(["sync"], check=True)
         stored = sum(f.stat().st_size for f in (store / "packs").rglob("*") if f.is_file())
     finally:
         if is_mounted(mnt_b):
             subprocess.run([PY, "-m", "backupfs", "umount", str(mnt_b)], cwd=REPO)
-        if memfs is not None:
-            subprocess.run(["fusermount3", "-u", str(mnt_m)])
+        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s)):
+            if proc is None:
+                continue
+            subprocess.run(["fusermount3", "-u", str(mnt)])
             try:
-                memfs.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                memfs.kill()
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt_m)])
+                proc.kill()
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -271,13 +288,18 @@ def main() -> None:
         span = f"{r['vs_memfs_min']:.2f}-{r['vs_memfs_max']:.2f}"
         print(f"{k:26} {m[0]:9.2f} {m[1]:9.2f} {m[2]:9.2f} {r['vs_raw']:8.2f} "
               f"{r['vs_memfs']:8.2f} {span:>12}")
+    sink = statistics.median(sink_MBps)
+    print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {sink:.0f} MB/s, "
+          f"{sink / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "
+          f"{medians['backupfs']['seq_write_MBps'] / sink:.2f}x of it")
     print(f"backupfs packs on disk after the run: {stored / 1e6:.0f} MB (each round stores "
           f"{size / 1e6:.0f} MB of half-compressible data once, its rewrite dedups)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": size, "files": args.files, "loadavg": load,
                        "cpus": os.cpu_count(), "rounds": rounds, "medians": medians,
-                       "ratios": ratios, "store_packs_MB_after_run": stored / 1e6},
+                       "ratios": ratios, "sink_seq_write_MBps": sink_MBps,
+                       "store_packs_MB_after_run": stored / 1e6},
                       f, indent=2)
         print(f"wrote {args.json}")
 

@@ -6,7 +6,13 @@ dicts; no hashing, no compression, no index. It is configured the way backupfs i
 entry/attr timeouts, writeback cache, a getxattr that answers at once: EOPNOTSUPP for
 ACLs and SELinux labels, ENOATTR for the rest; 1 MiB read-ahead), so the difference between the two is what backupfs's own work costs, not FUSE or pyfuse3.
 
-    tools/memfs.py MOUNTPOINT [-o allow_other]     # foreground; unmount with fusermount3 -u
+    tools/memfs.py MOUNTPOINT [-o allow_other] [--discard-data]
+                                  # foreground; unmount with fusermount3 -u
+
+--discard-data keeps only each file's size (reads give zeros): the cost of moving bytes
+through FUSE and pyfuse3 alone. For large writes memfs is no ceiling: it pays for the
+fresh memory its bytearrays grow into (the daemon's time is mostly page faults), which
+a filesystem that passes the bytes on to the disk never does.
 
 Supports files, directories, read/write, truncate, chmod/chown/utimens, rename, unlink,
 rmdir, statfs and fsync (a no-op). Not a filesystem to keep anything in.
@@ -38,7 +44,7 @@ ROOT = pyfuse3.ROOT_INODE
 
 class Node:
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "atime", "mtime", "ctime", "data",
-                 "children", "rdev", "target")
+                 "children", "rdev", "target", "discarded_size")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int):
         now = time.time_ns()
@@ -49,13 +55,15 @@ class Node:
         self.children: dict[bytes, int] | None = {} if stat.S_ISDIR(mode) else None
         self.rdev = 0
         self.target = b""
+        self.discarded_size = 0  # --discard-data: the size the discarded writes reached
 
 
 class MemFS(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self):
+    def __init__(self, discard_data: bool = False):
         super().__init__()
+        self.discard_data = discard_data
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, stat.S_IFDIR | 0o755, 0, 0)}
         self._ino = itertools.count(ROOT + 1)
         self._fh = itertools.count(1)
@@ -73,7 +81,7 @@ class MemFS(pyfuse3.Operations):
         e.entry_timeout = e.attr_timeout = TIMEOUT
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid = n.mode, n.nlink, n.uid, n.gid
         e.st_rdev = n.rdev
-        e.st_size = len(n.target) if n.target else len(n.data)
+        e.st_size = len(n.target) if n.target else max(len(n.data), n.discarded_size)
         e.st_blksize = 131072
         e.st_blocks = (e.st_size + 511) // 512
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = n.atime, n.mtime, n.ctime
@@ -96,7 +104,9 @@ class MemFS(pyfuse3.Operations):
         now = time.time_ns()
         if fields.update_size:
             size = attr.st_size
-            if size < len(n.data):
+            if self.discard_data:
+                n.discarded_size = size
+            elif size < len(n.data):
                 del n.data[size:]
             else:
                 n.data.extend(bytes(size - len(n.data)))
@@ -155,10 +165,17 @@ class MemFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
-        return bytes(self.nodes[self.open_fh[fh]].data[off:off + size])
+        n = self.nodes[self.open_fh[fh]]
+        if self.discard_data:
+            return bytes(max(0, min(size, n.discarded_size - off)))
+        return bytes(n.data[off:off + size])
 
     async def write(self, fh, off, buf):
         n = self.nodes[self.open_fh[fh]]
+        if self.discard_data:
+            n.discarded_size = max(n.discarded_size, off + len(buf))
+            n.mtime = n.ctime = time.time_ns()
+            return len(buf)
         if off > len(n.data):
             n.data.extend(bytes(off - len(n.data)))
         n.data[off:off + len(buf)] = buf
@@ -254,11 +271,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mountpoint")
     ap.add_argument("-o", dest="options", action="append", default=[])
+    ap.add_argument("--discard-data", action="store_true",
+                    help="keep only file sizes: measures FUSE and pyfuse3 alone")
     args = ap.parse_args()
     opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
     opts |= {o for v in args.options for o in v.split(",") if o}
     mountpoint = Path(args.mountpoint).resolve()  # not once mounted: it would ask itself
-    pyfuse3.init(MemFS(), str(mountpoint), opts)
+    pyfuse3.init(MemFS(args.discard_data), str(mountpoint), opts)
 
     async def read_ahead(mountpoint: Path) -> None:
         try:
