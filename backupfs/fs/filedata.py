@@ -171,7 +171,7 @@ class FileContents:
         view = memoryview(data)
         full = []
         self.writes += 1
-        self._track_gaps(bufs, offset, end, self.ns.live.getattr(ino).size)
+        number = self.writes
         for n in range(offset // bs, (end - 1) // bs + 1 if data else offset // bs):
             start = n * bs
             lo, hi = max(offset, start) - start, min(end, start + bs) - start
@@ -186,6 +186,10 @@ class FileContents:
             if hi == bs:
                 full.append(n)
         attr = self.ns.live.getattr(ino)
+        # Only now, with no await between this and the size update below: a gap that a
+        # concurrent write opened while this one waited for a stored block is one this
+        # write may fill (gaps checked on arrival once stayed open for good that way).
+        self._track_gaps(bufs, offset, end, attr.size, number)
         if now_ns is None:
             if end > attr.size:
                 self.ns.live.setattr(ino, size=end)
@@ -252,9 +256,12 @@ class FileContents:
             self._sealers -= 1
             self._progress.set()  # no writer waits on sealers that are gone
 
-    def _track_gaps(self, bufs: InodeBuffers, offset: int, end: int, size: int) -> None:
+    def _track_gaps(self, bufs: InodeBuffers, offset: int, end: int, size: int,
+                    number: int) -> None:
+        """Note the gap write `number` opens past the end (`size`), and close what it
+        fills of earlier gaps."""
         if offset > size and offset - size <= MAX_TORN_GAP:
-            bufs.gaps.append([size, offset, self.writes])
+            bufs.gaps.append([size, offset, number])
             del bufs.gaps[:-MAX_GAPS]
         if bufs.gaps and end > offset:
             left = []
