@@ -15,7 +15,7 @@ file leaves nothing behind once no snapshot needs it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from .records import TOMBSTONE, split_version_key, version_key
 
@@ -34,6 +34,14 @@ def after_all_versions(prefix: bytes) -> bytes:
 LIVE_CACHE_MAX = 1 << 16
 
 
+class Newest(NamedTuple):
+    """A key's newest version, all that reads at the live epoch and writes look at."""
+
+    born: int
+    value: bytes          # empty: a tombstone
+    has_older: bool       # whether older versions follow it
+
+
 class VersionedTable:
     def __init__(self, ns: "Namespace", name: str, table_id: int,
                  release: Callable[[bytes], None] | None = None):
@@ -42,14 +50,14 @@ class VersionedTable:
         self.table_id = table_id
         self.db = ns.store.open_db(name)
         self._release = release
-        # prefix -> its versions, as `versions` gives them. The daemon's LMDB work is
+        # prefix -> its newest version (None: it has none). The daemon's LMDB work is
         # mostly at the live epoch, where the newest version is the one seen: creating a
         # small file reads its inode about ten times and rewrites it four. Every change
         # to a key goes through this class, which keeps its entry right; a snapshot
         # changes no version, so the cache outlives it. (It assumes the write
         # transaction is never rolled back under it: the store aborts one only when it
         # closes.)
-        self._recent: dict[bytes, list[tuple[int, bytes]]] = {}
+        self._recent: dict[bytes, Newest | None] = {}
 
     def _cursor(self):
         return self.ns.store.txn.cursor(db=self.db)
@@ -59,8 +67,8 @@ class VersionedTable:
     def read(self, prefix: bytes, epoch: int) -> bytes | None:
         """The value visible at `epoch`, or None if absent there."""
         if epoch == self.ns.epoch:
-            newest = self._cached_versions(prefix)
-            return (newest[0][1] or None) if newest else None
+            newest = self.newest(prefix)
+            return (newest.value or None) if newest else None
         c = self._cursor()
         if not c.set_range(version_key(prefix, epoch)):
             return None
@@ -69,18 +77,28 @@ class VersionedTable:
             return None
         return c.value() or None
 
-    def _cached_versions(self, prefix: bytes) -> list[tuple[int, bytes]]:
+    def newest(self, prefix: bytes) -> Newest | None:
+        """The key's newest version, or None if it has none."""
         try:
             return self._recent[prefix]
         except KeyError:
-            found = self.versions(prefix)
-            self._remember(prefix, found)
-            return found
+            pass
+        found = None
+        c = self._cursor()
+        if c.set_range(prefix) and self._is_version_of(c.key(), prefix):
+            born, value = split_version_key(c.key())[1], c.value()
+            found = Newest(born, value, c.next() and self._is_version_of(c.key(), prefix))
+        self._remember(prefix, found)
+        return found
 
-    def _remember(self, prefix: bytes, versions: list[tuple[int, bytes]]) -> None:
+    @staticmethod
+    def _is_version_of(key: bytes, prefix: bytes) -> bool:
+        return len(key) == len(prefix) + 8 and key.startswith(prefix)
+
+    def _remember(self, prefix: bytes, newest: Newest | None) -> None:
         if len(self._recent) >= LIVE_CACHE_MAX:
             self._recent.clear()
-        self._recent[prefix] = versions
+        self._recent[prefix] = newest
 
     def versions(self, prefix: bytes) -> list[tuple[int, bytes]]:
         """Every version of a key, newest first: (birth epoch, value)."""
@@ -88,7 +106,7 @@ class VersionedTable:
         c = self._cursor()
         if c.set_range(prefix):
             for k, v in c:
-                if len(k) != len(prefix) + 8 or not k.startswith(prefix):
+                if not self._is_version_of(k, prefix):
                     break
                 out.append((split_version_key(k)[1], v))
         return out
@@ -131,41 +149,41 @@ class VersionedTable:
 
     def write(self, prefix: bytes, value: bytes | None, epoch: int | None = None) -> None:
         """Make `value` (None: absent) the key's value from `epoch` (default: live) on."""
-        newer = self._cached_versions(prefix)
+        newest = self.newest(prefix)
         # Forgotten first, so that a write that fails half-way leaves no stale entry.
         del self._recent[prefix]
-        after = self._write(prefix, value, epoch, newer)
+        after = self._write(prefix, value, epoch, newest)
         if epoch is None:
             self._remember(prefix, after)
 
     def _write(self, prefix: bytes, value: bytes | None, epoch: int | None,
-               newer: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-        """The write itself, given the key's versions; returns them as they are after."""
+               newest: Newest | None) -> Newest | None:
+        """The write itself, given the key's newest version; returns it as it is after."""
         ns = self.ns
         at = ns.epoch if epoch is None else epoch
         txn = ns.store.txn
         new_value = TOMBSTONE if value is None else value
-        if not newer:
+        if newest is None:
             if value is None:
-                return []
+                return None
             txn.put(version_key(prefix, at), new_value, db=self.db)
             ns.births.add(at, self, prefix)
-            return [(at, new_value)]
-        born, old = newer[0]
+            return Newest(at, new_value, False)
+        born, old, has_older = newest
         if born == at or not ns.seen_by_snapshot(born, at):
             self._release_value(old)
-            if value is None and len(newer) == 1:
+            if value is None and not has_older:
                 txn.delete(version_key(prefix, born), db=self.db)
                 ns.births.remove(born, self, prefix)
-                return []
+                return None
             txn.put(version_key(prefix, born), new_value, db=self.db)
-            return [(born, new_value)] + newer[1:]
+            return Newest(born, new_value, has_older)
         if value is None and not old:
-            return newer  # already absent
+            return newest  # already absent
         txn.put(version_key(prefix, at), new_value, db=self.db)
         ns.births.add(at, self, prefix)
         ns.deadlist.add(at, self, prefix, born)
-        return [(at, new_value)] + newer
+        return Newest(at, new_value, True)
 
     def _release_value(self, value: bytes) -> None:
         if value and self._release is not None:
@@ -201,8 +219,6 @@ class VersionedTable:
         """Tombstones with no older version hide nothing: remove them, oldest first (with
         the deadlist entry of each, killed by the next newer version). There can be two
         in a row: a name removed, created again after a snapshot and removed again."""
-        if versions and not versions[-1][1]:
-            self._recent.pop(prefix, None)
         while versions and not versions[-1][1]:
             oldest_born = versions.pop()[0]
             self.ns.store.txn.delete(version_key(prefix, oldest_born), db=self.db)
