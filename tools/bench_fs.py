@@ -288,10 +288,10 @@ def main() -> None:
         span = f"{r['vs_memfs_min']:.2f}-{r['vs_memfs_max']:.2f}"
         print(f"{k:26} {m[0]:9.2f} {m[1]:9.2f} {m[2]:9.2f} {r['vs_raw']:8.2f} "
               f"{r['vs_memfs']:8.2f} {span:>12}")
-    sink = statistics.median(sink_MBps)
-    print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {sink:.0f} MB/s, "
-          f"{sink / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "
-          f"{medians['backupfs']['seq_write_MBps'] / sink:.2f}x of it")
+    channel = statistics.median(sink_MBps)
+    print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {channel:.0f} MB/s, "
+          f"{channel / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "
+          f"{medians['backupfs']['seq_write_MBps'] / channel:.2f}x of it")
     print(f"backupfs packs on disk after the run: {stored / 1e6:.0f} MB (each round stores "
           f"{size / 1e6:.0f} MB of half-compressible data once, its rewrite dedups)")
     if args.json:
