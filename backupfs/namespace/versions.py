@@ -70,10 +70,7 @@ class VersionedTable:
             newest = self.newest(prefix)
             return (newest.value or None) if newest else None
         c = self._cursor()
-        if not c.set_range(version_key(prefix, epoch)):
-            return None
-        k = c.key()
-        if len(k) != len(prefix) + 8 or not k.startswith(prefix):
+        if not c.set_range(version_key(prefix, epoch)) or not self._is_version_of(c.key(), prefix):
             return None
         return c.value() or None
 
