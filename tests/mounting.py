@@ -30,6 +30,13 @@ def backupfs(*args, check: bool = True, timeout: float = 120, **kw) -> subproces
     return r
 
 
+def drop_page_cache() -> None:
+    """Make the kernel drop cached file pages (as memory pressure may at any time): the
+    reads that follow come from the daemon."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1")
+
+
 def is_mounted(path: Path) -> bool:
     path = str(Path(path).resolve())
     with open("/proc/self/mountinfo") as f:

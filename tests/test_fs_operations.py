@@ -144,6 +144,28 @@ async def test_unlinked_open_file_reads_until_released_then_is_reclaimed(fs):
     assert e.value.errno == errno.ENOENT
 
 
+async def test_a_file_replaced_while_looked_up_keeps_its_unsealed_data(fs):
+    # A reader's path walk found the name, then a rename replaced the file, then the
+    # reader opens it: it must read what was written, not the zeros of a dropped buffer.
+    fh, ino = await new_file(fs, b"old")
+    await fs.write(fh, 0, b"written, not yet sealed")
+    await fs.release(fh)
+    assert fs.data.has_dirty(ino)
+    await fs.lookup(ROOT, b"old", CTX)
+    fh2, _ = await new_file(fs, b"new")
+    await fs.release(fh2)
+    await fs.rename(ROOT, b"new", ROOT, b"old", 0, CTX)
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(fh, 0, 100) == b"written, not yet sealed"
+    await fs.release(fh)
+    # Once the kernel forgets it too, it goes, buffers and all.
+    await fs.forget([(ino, fs.lookups[ino])])
+    assert not fs.data.has_dirty(ino)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await fs.getattr(ino)
+    assert e.value.errno == errno.ENOENT
+
+
 async def test_new_files_belong_to_the_caller(fs):
     _, ino = await new_file(fs)
     attr = await fs.getattr(ino)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mounting import BACKUPFS, backupfs
+from mounting import BACKUPFS, backupfs, drop_page_cache
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(150)]
 
@@ -112,11 +112,6 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
-
-
-def drop_page_cache() -> None:
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("1")
 
 
 def test_appear_disappear_latest_and_open_files(mount_factory):

@@ -233,12 +233,13 @@ class BackupFS(pyfuse3.Operations):
                 return
         except OSError:
             return
-        if not self.open_count.get(ino, 0):
-            # Nobody can read it any more: its unsealed data need never reach the disk
-            # (storing it could fill a full disk again right after this delete).
-            self.data.discard(ino)
         if self.lookups.get(ino, 0) or self.open_count.get(ino, 0):
+            # Not yet: the kernel may still open it (a path walk that found the name
+            # before the unlink or rename), and must then read what was written.
             return
+        # Its unsealed data need never reach the disk (storing it could fill a full
+        # disk again right after this delete).
+        self.data.discard(ino)
         self._no_xattrs.discard(ino)
         self.ns.reclaim(ino)
 
