@@ -222,3 +222,24 @@ def test_rsync_and_tar_keep_live_and_snapshots_apart(mount_factory, tmp_path):
         got = portable(manifest(dest / pre), atime=False)
         assert got == want, pre
     m.stop()
+
+
+def test_a_sparse_file_still_in_the_page_cache_is_whole_in_a_snapshot(mounted):
+    """Written with small holes, snapshotted while still open: each hole is a gap past
+    the end when its writes arrive, as a late page of an appending writer leaves one.
+    The snapshot asks the kernel for every dirty page of such a file (it invalidates its
+    cache); the holes then stay, and are holes in the snapshot, not its end."""
+    path = mounted.path / "sparse.img"
+    expect = bytearray()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i, offset in enumerate([0, 64 << 10, 300 << 10, 1 << 20]):
+            piece = os.urandom(5000 + i)
+            os.pwrite(fd, piece, offset)
+            expect[len(expect):offset] = bytes(max(0, offset - len(expect)))
+            expect[offset:offset + len(piece)] = piece
+        name = backupfs("snapshot", mounted.path).stdout.strip()
+    finally:
+        os.close(fd)
+    assert (mounted.path / "snapshots" / name / "sparse.img").read_bytes() == bytes(expect)
+    assert path.read_bytes() == bytes(expect)

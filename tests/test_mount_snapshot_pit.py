@@ -51,7 +51,11 @@ def check_prefix(data: bytes, writer: int) -> int:
     for seq in range(n):
         got = data[seq * RECORD:(seq + 1) * RECORD]
         if got != record(writer, seq):
-            raise AssertionError(f"writer {writer}: record {seq} of {n} is {got[:40]!r}")
+            start = seq * RECORD
+            zeros = len(data[start:]) - len(data[start:].lstrip(b"\0"))
+            raise AssertionError(
+                f"writer {writer}: record {seq} of {n} (byte {start}) is {got[:40]!r}; "
+                f"{zeros} zero bytes from there, then {data[start + zeros:][:24]!r}")
     return n
 
 

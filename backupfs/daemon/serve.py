@@ -221,8 +221,8 @@ class Daemon:
     async def control_snapshot(self, label: str | None = None, hold: bool = False) -> dict:
         # What the kernel still holds in its writeback cache was written before this
         # request: make it reach us before the gate closes.
-        torn_since = self.ops.data.writes + 1
         await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+        torn_since = await self.ops.pull_dirty_pages()
         record = await self.ops.take_snapshot(label=label, hold=bool(hold),
                                               torn_since=torn_since)
         log.info("snapshot %s taken (epoch %d%s)", record.name, record.epoch,

@@ -275,6 +275,10 @@ class FileContents:
                     left.append([end, b, k])
             bufs.gaps = left
 
+    def inodes_with_gaps(self) -> list[int]:
+        """The files with a gap open (see `torn_ends`)."""
+        return [ino for ino, bufs in self.buffers.items() if bufs.gaps]
+
     def torn_ends(self, since: int) -> dict[int, int]:
         """For a snapshot: where each file's gap-free part ends, for the files that have a
         gap opened by write number `since` or later.
@@ -283,8 +287,8 @@ class FileContents:
         page after a re-dirtied one may arrive first, leaving a gap of zeros that the late
         page fills a moment later. A snapshot taken in that moment would hold later data
         behind a hole, so it ends such a file where the gap begins. Gaps opened before
-        `since` (before the snapshot's syncfs began) outlived the syncfs: they are holes
-        meant to be, and are forgotten."""
+        `since` outlived the kernel writing back every dirty page of their file (see
+        BackupFS.pull_dirty_pages): they are holes meant to be, and are forgotten."""
         out = {}
         for ino, bufs in self.buffers.items():
             if bufs.gaps:

@@ -647,14 +647,33 @@ class BackupFS(pyfuse3.Operations):
         first, and still commits the metadata when the disk is full)."""
         await self.txg.commit()
 
+    async def pull_dirty_pages(self) -> int:
+        """Have the kernel write back every dirty page of the files with a gap open, and
+        return the number the next write will get: a gap opened before it and still open
+        afterwards is a hole meant to be (see FileContents.torn_ends).
+
+        syncfs alone was not always enough (a snapshot held zeros behind a gap older
+        than its syncfs). The likely way: the kernel's sync skips a file that went back
+        on the dirty list after the sync began (its guard against a sync that never
+        ends), as one re-dirtied during a background writeback can; the page behind a
+        gap is such a re-dirtied page. Invalidating a file's cached pages makes the
+        kernel write each dirty one first and wait for it, whatever the list says."""
+        since = self.data.writes + 1
+        for ino in self.data.inodes_with_gaps():
+            try:
+                # Blocks until our own loop has answered the WRITEs: a worker thread.
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+            except OSError:  # the kernel has forgotten it: nothing of it is cached
+                pass
+        return since
+
     async def take_snapshot(self, label: str | None = None, hold: bool = False,
                             torn_since: int | None = None):
         """Snapshot the live tree at one point in time and make it durable.
 
-        `torn_since`: the number of the first write received after the caller began its
-        syncfs; a file with a gap opened since then is ended at the gap in the snapshot
-        (see FileContents.torn_ends), so a snapshot never holds data behind a hole that
-        the kernel is still to fill."""
+        `torn_since`: from `pull_dirty_pages`; a file with a gap opened since then is
+        ended at the gap in the snapshot (see FileContents.torn_ends), so a snapshot never
+        holds data behind a hole that the kernel is still to fill."""
         async with self.gate.closed():
             await self.data.flush_all()
             restore = {}
