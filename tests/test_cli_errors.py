@@ -55,6 +55,15 @@ def test_init_bad_parameters(tmp_path, args, match):
     assert not (tmp_path / "s").exists()
 
 
+def test_init_says_and_keeps_whether_compression_adapts(tmp_path):
+    out = backupfs("init", tmp_path / "a").stdout
+    assert "compression zstd:3, adaptive" in out
+    assert "adaptive_compression = true" in (tmp_path / "a" / "config.toml").read_text()
+    out = backupfs("init", tmp_path / "f", "--compression", "zstd:5", "--fixed-compression").stdout
+    assert "compression zstd:5)" in out
+    assert "adaptive_compression = false" in (tmp_path / "f" / "config.toml").read_text()
+
+
 def test_mount_non_store(tmp_path):
     (tmp_path / "notastore").mkdir()
     (tmp_path / "mnt").mkdir()

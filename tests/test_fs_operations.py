@@ -224,7 +224,7 @@ async def test_commit_with_a_full_disk_keeps_data_buffered_and_commits_metadata(
     await fs.write(fh, 0, b"unsealed")
     real_put_many = fs.store.blocks.put_many
 
-    async def full(blocks):
+    async def full(blocks, hurry=False):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(fs.store.blocks, "put_many", full)
@@ -255,9 +255,9 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     seal_calls = []
     real_seal_many = fs.data.seal_many
 
-    async def seal_many(wanted):
+    async def seal_many(wanted, hurry=False):
         seal_calls.append(len(list(wanted)))
-        await real_seal_many(wanted)
+        await real_seal_many(wanted, hurry)
 
     monkeypatch.setattr(fs.data, "seal_many", seal_many)
     with trio.fail_after(30):
@@ -285,6 +285,47 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     assert all(fs.ns.live.block_hash(ino, n) is not None for n in range(64))
 
 
+async def test_sealers_hurry_only_while_writes_outpace_them(fs, monkeypatch):
+    """A block stored before the next arrives is compressed at the store's level; a
+    backlog of half the sealers' allowance or more asks for the faster one."""
+    import trio
+    from backupfs.fs import filedata
+
+    monkeypatch.setattr(filedata, "SEAL_AHEAD", 4 * BS)
+    calls = []
+    real_put_many = fs.store.blocks.put_many
+
+    async def put_many(blocks, hurry=False):
+        calls.append((len(blocks), hurry))
+        return await real_put_many(blocks, hurry)
+
+    monkeypatch.setattr(fs.store.blocks, "put_many", put_many)
+    fh, ino = await new_file(fs)
+
+    async def stored():
+        while fs.data.pending_blocks(ino):
+            await trio.sleep(0.01)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.data.run_sealers)
+            while not fs.data._sealers:
+                await trio.lowlevel.checkpoint()
+            for n in range(3):
+                await fs.write(fh, n * BS, os.urandom(BS))
+                await stored()
+            assert calls == [(1, False)] * 3
+            calls.clear()
+            await fs.write(fh, 3 * BS, os.urandom(8 * BS))    # twice the allowance at once
+            await stored()
+            assert calls == [(8, True)]
+            nursery.cancel_scope.cancel()
+    calls.clear()
+    await fs.write(fh, 11 * BS, b"tail")
+    await fs.fsync(fh, False)                          # an fsync's seal is never hurried
+    assert calls == [(1, False)]
+
+
 async def test_a_sealer_that_fails_keeps_the_blocks_and_the_mount(fs, monkeypatch):
     """An unexpected error while sealing (a bug, say) must not end the sealers, whose
     nursery is the daemon's: the blocks go back to dirty and the next seal stores them."""
@@ -295,11 +336,11 @@ async def test_a_sealer_that_fails_keeps_the_blocks_and_the_mount(fs, monkeypatc
     real_put_many = fs.store.blocks.put_many
     failures = []
 
-    async def put_many(blocks):
+    async def put_many(blocks, hurry=False):
         if not failures:
             failures.append(len(blocks))
             raise RuntimeError("injected sealing bug")
-        return await real_put_many(blocks)
+        return await real_put_many(blocks, hurry)
 
     monkeypatch.setattr(fs.store.blocks, "put_many", put_many)
     monkeypatch.setattr(trio, "sleep", _fast_sleep(trio.sleep))

@@ -105,6 +105,38 @@ def test_round_trip_random_compressible_empty(opened):
         assert s.blocks.refcount(hashes[name]) == 1
 
 
+def prose_block(seed: int, n: int = 128 * KiB) -> bytes:
+    """Text that zstd level 3 packs tighter than level 1 (repeated lines do not)."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randrange(2, 9)).hex() for _ in range(400)]
+    return " ".join(rng.choice(words) for _ in range(n // 4)).encode()[:n]
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+async def test_a_hurried_put_compresses_at_level_1_unless_fixed(tmp_path, adaptive):
+    import zstandard
+
+    Store.init(tmp_path / "s", compression="zstd:3", adaptive_compression=adaptive)
+    blocks = [prose_block(1), prose_block(2)]
+    level = {n: len(zstandard.ZstdCompressor(level=n, write_content_size=True).compress(b))
+             for n, b in [(1, blocks[0]), (3, blocks[0])]}
+    assert level[1] > level[3]
+    with Store.open(tmp_path / "s") as s:
+        assert s.config.compression.adaptive is adaptive
+        hurried, calm = await s.blocks.put_many(blocks[:1], hurry=True), await s.blocks.put_many(blocks[1:])
+        assert s.blocks.locate(hurried[0]).stored_len == (level[1] if adaptive else level[3])
+        assert s.blocks.locate(calm[0]).stored_len == len(
+            zstandard.ZstdCompressor(level=3, write_content_size=True).compress(blocks[1]))
+        assert [s.blocks.get(h) for h in hurried + calm] == blocks
+    # The choice is kept in config.toml (a store from before it existed reads as adaptive).
+    text = (tmp_path / "s" / "config.toml").read_text()
+    assert f"adaptive_compression = {str(adaptive).lower()}" in text
+    (tmp_path / "s" / "config.toml").write_text(text.replace(
+        f"adaptive_compression = {str(adaptive).lower()}\n", ""))
+    with Store.open(tmp_path / "s") as s:
+        assert s.config.compression.adaptive is True
+
+
 def test_compression_none_stores_raw(tmp_path):
     Store.init(tmp_path / "s", compression="none")
     with Store.open(tmp_path / "s") as s:
@@ -592,7 +624,8 @@ def test_open_missing_or_foreign_store(tmp_path, store_dir):
         Store.open(no_index)
 
 
-@pytest.mark.parametrize("change", ["version 2", "no version", "bad toml", "bad block size"])
+@pytest.mark.parametrize("change", ["version 2", "no version", "bad toml", "bad block size",
+                                    "bad adaptive"])
 def test_open_rejects_bad_config(store_dir, change):
     cfg = store_dir / "config.toml"
     text = cfg.read_text()
@@ -601,7 +634,9 @@ def test_open_rejects_bad_config(store_dir, change):
         "no version": text.replace("format_version = 1", ""),
         "bad toml": text + "\n[[[\n",
         "bad block size": text.replace("block_size = 131072", "block_size = 1000"),
+        "bad adaptive": text.replace("adaptive_compression = true", 'adaptive_compression = "yes"'),
     }[change]
+    assert text != cfg.read_text() or change == "bad toml"
     cfg.write_text(text)
     with pytest.raises(StoreError) as ei:
         Store.open(store_dir)

@@ -14,13 +14,18 @@ from . import main
               help="Block size: a power of two from 4K to 4M. Fixed for the store's life.")
 @click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True,
               help="zstd:LEVEL (-7..22) or none.")
-def init_cmd(store: str, block_size: str, compression: str) -> None:
+@click.option("--adaptive-compression/--fixed-compression", default=True, show_default=True,
+              help="While writes come in faster than zstd LEVEL compresses, compress at "
+                   "level 1 (as zstd --adapt does); --fixed-compression always uses LEVEL.")
+def init_cmd(store: str, block_size: str, compression: str, adaptive_compression: bool) -> None:
     """Create a new, empty store in STORE (a new or empty directory)."""
     from ..namespace import Namespace
     from ..store import Store
 
-    config = Store.init(store, block_size=parse_size(block_size), compression=compression)
+    config = Store.init(store, block_size=parse_size(block_size), compression=compression,
+                        adaptive_compression=adaptive_compression)
     with Store.open(store) as s:
         Namespace(s)  # the root directory and the namespace's databases
-    click.echo(f"initialised backupfs store {store} "
-               f"(block size {config.block_size // 1024} KiB, compression {config.compression})")
+    adaptive = ", adaptive" if config.compression.hurried() != config.compression else ""
+    click.echo(f"initialised backupfs store {store} (block size "
+               f"{config.block_size // 1024} KiB, compression {config.compression}{adaptive})")

@@ -227,13 +227,15 @@ class FileContents:
                         self._work = trio.Event()
                     await self._work.wait()
                     continue
+                # Half the allowance queued: writes come faster than the sealers store.
+                hurry = len(self._full) * self.block_size >= SEAL_AHEAD // 2
                 batch = []
                 while self._full and len(batch) < SEAL_BATCH:
                     key = next(iter(self._full))
                     del self._full[key]
                     batch.append(key)
                 try:
-                    await self.seal_many(batch)
+                    await self.seal_many(batch, hurry=hurry)
                 except Exception as e:
                     # The blocks are dirty again; fsync or the next transaction group
                     # retries and reports. A full disk is expected, anything else is a
@@ -307,10 +309,10 @@ class FileContents:
         """Store the given dirty blocks of one inode and enter them in the block map."""
         await self.seal_many([(ino, n) for n in blocknos])
 
-    async def seal_many(self, wanted) -> None:
+    async def seal_many(self, wanted, hurry: bool = False) -> None:
         """Store the given (ino, block no) dirty blocks, of any number of inodes, in one
         batch (one round of worker threads for all of them), and enter them in the
-        block map."""
+        block map. `hurry`: see BlockStore.put_many."""
         items = []
         for ino, n in sorted(wanted):
             bufs = self.buffers.get(ino)
@@ -328,7 +330,8 @@ class FileContents:
         holes = [self._is_zero(d) for _, _, d in items]
         to_store = [d for (_, _, d), hole in zip(items, holes) if not hole]
         try:
-            hashes = iter(await self.store.blocks.put_many(to_store) if to_store else [])
+            hashes = iter(await self.store.blocks.put_many(to_store, hurry=hurry)
+                          if to_store else [])
         except BaseException:
             # Not stored (say ENOSPC): the bytes go back to being dirty, never lost.
             for bufs, n, data in items:

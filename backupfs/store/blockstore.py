@@ -161,13 +161,15 @@ class BlockStore:
         self.store.txn.put(block.hash, loc.value(), db=self.db)
         return loc
 
-    async def put_many(self, blocks: Sequence[bytes]) -> list[bytes]:
+    async def put_many(self, blocks: Sequence[bytes], hurry: bool = False) -> list[bytes]:
         """Store many blocks, hashing, compressing and appending them in worker threads;
         returns their hashes, each counted once more per time it is given.
 
         Blocks already in the store are only counted again and never compressed: a
         nightly copy of an unchanged tree costs one hash per block. All or nothing: if
-        it raises (a full disk), the caller owns no new references.
+        it raises (a full disk), the caller owns no new references. `hurry`: writes are
+        coming in faster than the store's compression keeps up; new blocks are
+        compressed at its faster level (Compression.hurried).
         """
         hashes: list[bytes] = [b""] * len(blocks)
 
@@ -187,7 +189,8 @@ class BlockStore:
         owned: list[tuple[bytes, int]] = []  # references counted so far, undone on failure
         try:
             try:
-                for h, (block, pack_id, offset) in (await self._store_new(new)).items():
+                compression = self.compression.hurried() if hurry else self.compression
+                for h, (block, pack_id, offset) in (await self._store_new(new, compression)).items():
                     self._index_new(block, pack_id, offset, refcount=wanted[h])
                     owned.append((h, wanted.pop(h)))
             finally:
@@ -208,7 +211,7 @@ class BlockStore:
             raise
         return hashes
 
-    async def _store_new(self, new: dict[bytes, bytes]) -> dict[bytes, tuple]:
+    async def _store_new(self, new: dict[bytes, bytes], compression) -> dict[bytes, tuple]:
         """Compress and append blocks that are in no pack yet; {hash: (block, pack id,
         offset)}. Each worker appends what it compressed (appends take a lock), so the
         disk writes of one block overlap the compression of the next; the index, which
@@ -217,7 +220,7 @@ class BlockStore:
 
         def store_one(item: tuple[bytes, bytes]) -> None:
             h, data = item
-            block = codec.encode(data, self.compression, h)
+            block = codec.encode(data, compression, h)
             placed[h] = (block, *self.packs.append(*block.record_parts()))
 
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tomli_w
@@ -36,10 +36,25 @@ def parse_size(text: str | int) -> int:
     return number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]
 
 
+# While writes come in faster than the configured level compresses them, blocks are
+# compressed at this level instead (as `zstd --adapt` does). On 2 cores, zstd level 3
+# capped a sequential write below the disk's speed; level 1 compresses 1.5-3x faster
+# for output 0-6% larger (docs/performance.md). Every block records only its codec, so
+# any level reads back the same way.
+HURRIED_LEVEL = 1
+
+
 @dataclass(frozen=True)
 class Compression:
     codec: str  # "zstd" or "none"
     level: int = 0
+    adaptive: bool = True  # may use HURRIED_LEVEL while writes outpace `level`
+
+    def hurried(self) -> "Compression":
+        """The compression to use while writes come in faster than this one keeps up."""
+        if self.codec != "zstd" or not self.adaptive or self.level <= HURRIED_LEVEL:
+            return self
+        return Compression("zstd", HURRIED_LEVEL, adaptive=False)
 
     @classmethod
     def parse(cls, text: str) -> "Compression":
@@ -81,6 +96,7 @@ class StoreConfig:
             "format_version": self.format_version,
             "block_size": self.block_size,
             "compression": str(self.compression),
+            "adaptive_compression": self.compression.adaptive,
             **self.extra,
         }
         header = "# backupfs store configuration. format_version and block_size are fixed at init.\n"
@@ -105,10 +121,14 @@ class StoreConfig:
                 f"(this backupfs reads version {FORMAT_VERSION})"
             )
         try:
+            compression = Compression.parse(doc.pop("compression", DEFAULT_COMPRESSION))
+            adaptive = doc.pop("adaptive_compression", True)
+            if not isinstance(adaptive, bool):
+                raise StoreError(f"adaptive_compression must be true or false, not {adaptive!r}")
             cfg = cls(
                 format_version=version,
                 block_size=parse_size(doc.pop("block_size", DEFAULT_BLOCK_SIZE)),
-                compression=Compression.parse(doc.pop("compression", DEFAULT_COMPRESSION)),
+                compression=replace(compression, adaptive=adaptive),
                 extra=doc,
             )
         except StoreError as e:

@@ -17,12 +17,13 @@ import fcntl
 import logging
 import os
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import lmdb
 
 from ..errors import StoreError, StoreInUse
-from .config import CONFIG_NAME, Compression, StoreConfig
+from .config import CONFIG_NAME, DEFAULT_COMPRESSION, Compression, StoreConfig
 from .index import INDEX_DIR, open_environment
 from .packs import DEFAULT_ROTATE_SIZE, PackSet
 
@@ -90,7 +91,7 @@ class Store:
 
     @staticmethod
     def init(path: str | os.PathLike, block_size: int | None = None,
-             compression: str | None = None) -> StoreConfig:
+             compression: str | None = None, adaptive_compression: bool = True) -> StoreConfig:
         """Create a new, empty store at `path` (which must not exist or be empty)."""
         path = Path(path)
         if path.exists():
@@ -103,8 +104,8 @@ class Store:
         kwargs = {}
         if block_size is not None:
             kwargs["block_size"] = block_size
-        if compression is not None:
-            kwargs["compression"] = Compression.parse(compression)
+        kwargs["compression"] = replace(Compression.parse(compression or DEFAULT_COMPRESSION),
+                                        adaptive=adaptive_compression)
         config = StoreConfig(**kwargs)
         config.validate()
         try:
