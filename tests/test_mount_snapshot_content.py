@@ -227,8 +227,13 @@ def test_rsync_and_tar_keep_live_and_snapshots_apart(mount_factory, tmp_path):
 def test_a_sparse_file_still_in_the_page_cache_is_whole_in_a_snapshot(mounted):
     """Written with small holes, snapshotted while still open: each hole is a gap past
     the end when its writes arrive, as a late page of an appending writer leaves one.
-    The snapshot asks the kernel for every dirty page of such a file (it invalidates its
-    cache); the holes then stay, and are holes in the snapshot, not its end."""
+    The snapshot has the real kernel write back every dirty page of such a file (it
+    invalidates its cache), and the holes stay holes in the snapshot, not its end.
+
+    This checks that path against the kernel. It does not tell the fix from the code
+    before it: this kernel writes these pages back before the snapshot begins, and a
+    hole older than the snapshot was kept then too. test_snapshot_torn.py's
+    test_the_snapshot_has_the_kernel_write_back_what_fills_a_gap does."""
     path = mounted.path / "sparse.img"
     expect = bytearray()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)

@@ -213,8 +213,12 @@ class FileContents:
         self._full.update(dict.fromkeys((ino, n) for n in blocknos))
         self._work.set()
         # Backpressure: a writer faster than the sealers waits for them.
-        while self._sealers and len(self._full) * self.block_size > SEAL_AHEAD:
+        while self._sealers and self._queued_bytes() > SEAL_AHEAD:
             await self._progress.wait()
+
+    def _queued_bytes(self) -> int:
+        """Full blocks waiting for a sealer, in bytes."""
+        return len(self._full) * self.block_size
 
     async def run_sealers(self, count: int = 2) -> None:
         """Seal full blocks in the background until cancelled, in batches of SEAL_BATCH,
@@ -228,7 +232,7 @@ class FileContents:
                     await self._work.wait()
                     continue
                 # Half the allowance queued: writes come faster than the sealers store.
-                hurry = len(self._full) * self.block_size >= SEAL_AHEAD // 2
+                hurry = self._queued_bytes() >= SEAL_AHEAD // 2
                 batch = []
                 while self._full and len(batch) < SEAL_BATCH:
                     key = next(iter(self._full))

@@ -75,6 +75,16 @@ def changes_live_tree(fn):
     return wrapper
 
 
+async def _tell_kernel(invalidate, *args) -> None:
+    """Send the kernel one of pyfuse3's cache invalidations. It blocks until the kernel
+    is done, which may take WRITEs that this loop must answer: so a worker thread. An
+    OSError means the kernel holds nothing of it, so there was nothing to do."""
+    try:
+        await trio.to_thread.run_sync(invalidate, *args)
+    except OSError:
+        pass
+
+
 def erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
@@ -660,11 +670,7 @@ class BackupFS(pyfuse3.Operations):
         kernel write each dirty one first and wait for it, whatever the list says."""
         since = self.data.writes + 1
         for ino in self.data.inodes_with_gaps():
-            try:
-                # Blocks until our own loop has answered the WRITEs: a worker thread.
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
-            except OSError:  # the kernel has forgotten it: nothing of it is cached
-                pass
+            await _tell_kernel(pyfuse3.invalidate_inode, ino)
         return since
 
     async def take_snapshot(self, label: str | None = None, hold: bool = False,
@@ -744,7 +750,4 @@ class BackupFS(pyfuse3.Operations):
 
     async def _forget_entry(self, name: bytes) -> None:
         """Make the kernel forget /snapshots/NAME before the caller is answered."""
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, SNAPSHOTS_DIR_INO, name)
-        except OSError:  # the kernel knows nothing of it: nothing to forget
-            pass
+        await _tell_kernel(pyfuse3.invalidate_entry, SNAPSHOTS_DIR_INO, name)
