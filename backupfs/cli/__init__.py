@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..errors import BackupfsError
+from ..heap import keep_freed_memory
 
 
 class BackupfsGroup(click.Group):
@@ -34,6 +35,7 @@ def main(verbose: int) -> None:
     """backupfs: a backup filesystem with instant snapshots and verified, deduplicated storage."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
 
 
 # Command modules register themselves on `main` when imported.
