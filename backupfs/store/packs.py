@@ -8,6 +8,8 @@ pack and deletes the old file once the index no longer points into it).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import functools
 import logging
@@ -18,7 +20,6 @@ import time
 from pathlib import Path
 
 from ..errors import StoreError
-from .pack_writer import PackWriter
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,29 @@ RESERVE_SHARE = 0.02
 RESERVE_MAX = 256 * 1024 * 1024
 # Below this estimate of free space, every append looks at the disk again.
 SPACE_RECHECK = 64 * 1024 * 1024
+# Appended bytes are handed to the disk in chunks of this size as they come, so that the
+# fsync at commit finds little left to write and compression overlaps the disk's work.
+WRITEBACK_CHUNK = 8 * 1024 * 1024
+
+
+def _start_writeback_fn():
+    """`sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`: start writing a range out
+    without waiting for it. The os module lacks it; without libc it is simply skipped
+    (the fsync at commit then writes everything, as before)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, n: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+    return lambda fd, offset, n: fn(fd, offset, n, write)
+
+
+start_writeback = _start_writeback_fn()
+
+
 def _locked(method):
     """Run a PackSet method holding its write lock (appends come from worker threads)."""
 
@@ -78,12 +102,10 @@ class SyncPlan:
 class PackSet:
     """The pack files of one store: one pack open for appending, cached read handles."""
 
-    def __init__(self, root: Path, rotate_size: int = DEFAULT_ROTATE_SIZE, readonly: bool = False,
-                 direct: bool = True):
+    def __init__(self, root: Path, rotate_size: int = DEFAULT_ROTATE_SIZE, readonly: bool = False):
         self.root = Path(root)
         self.rotate_size = rotate_size
         self.readonly = readonly
-        self.direct = direct  # append with O_DIRECT where the filesystem allows it
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
         # Appends come from worker threads (BlockStore.put_many): everything that touches
@@ -95,8 +117,9 @@ class PackSet:
         self._reads_in_flight: dict[int, int] = {}
         self._close_when_idle: set[int] = set()
         self._write_id: int | None = None
-        self._writer: PackWriter | None = None
+        self._write_fd: int | None = None
         self._write_len = 0
+        self._written_back = 0  # offset in the write pack up to which writeback started
         self._next_id = 1
         self._dirty: set[int] = set()  # packs written since the last sync
         self._dirs_to_sync: set[Path] = set()
@@ -155,11 +178,9 @@ class PackSet:
 
     def free_bytes(self) -> int:
         """Bytes the disk under the packs can still take for block data: its free space
-        less the reserve kept for index commits and the bytes appended but not written."""
+        less the reserve kept for index commits."""
         st = os.statvfs(self.root)
-        writer = self._writer
-        unwritten = writer.unwritten_bytes if writer is not None else 0
-        return st.f_bavail * st.f_frsize - self.reserve_bytes(st) - unwritten
+        return st.f_bavail * st.f_frsize - self.reserve_bytes(st)
 
     @staticmethod
     def reserve_bytes(st: os.statvfs_result) -> int:
@@ -184,25 +205,35 @@ class PackSet:
         size = sum(map(len, parts))
         with self._lock:
             self._check_space(size)
-            if self._writer is None or (
+            if self._write_fd is None or (
                 self._write_len > PACK_HEADER_LEN and self._write_len + size > self.rotate_size
             ):
                 self._open_for_append()
-            offset = self._writer.append(parts, size)
-            self._write_len = self._writer.length
+            offset = self._write_len
+            written = os.pwritev(self._write_fd, parts, offset)
+            if written != size:
+                # A short write means the disk is full; the bytes past our length are
+                # garbage that the next append overwrites.
+                raise OSError(errno.ENOSPC, "No space left on device (short write to pack)")
+            self._write_len += written
             self._lengths[self._write_id] = self._write_len
             self._dirty.add(self._write_id)
+            if self._write_len - self._written_back >= WRITEBACK_CHUNK:
+                start_writeback(self._write_fd, self._written_back,
+                                self._write_len - self._written_back)
+                self._written_back = self._write_len
             return self._write_id, offset
 
     def _open_for_append(self) -> None:
         # Continue the newest pack while it has room, else start a new one.
         newest = max(self._lengths, default=None)
-        if (self._writer is None and newest is not None and newest not in self._sealed
+        if (self._write_fd is None and newest is not None and newest not in self._sealed
                 and self._lengths[newest] < self.rotate_size):
-            self._writer = PackWriter(self.path(newest), self._lengths[newest], self.direct)
-            self._write_id, self._write_len = newest, self._lengths[newest]
+            self._write_id = newest
+            self._write_fd = os.open(self.path(newest), os.O_WRONLY)
+            self._write_len = self._written_back = self._lengths[newest]
             return
-        self._close_writer()
+        self._close_write_fd()
         pack_id = self._next_id
         self._next_id += 1
         path = self.path(pack_id)
@@ -213,23 +244,21 @@ class PackSet:
         header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, pack_id)
         try:
             os.pwrite(fd, header, 0)
-            self._writer = PackWriter(path, PACK_HEADER_LEN, self.direct)
         except OSError:
+            os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        finally:
-            os.close(fd)
         self._dirs_to_sync.add(path.parent)
-        self._write_id, self._write_len = pack_id, PACK_HEADER_LEN
+        self._write_id, self._write_fd, self._write_len = pack_id, fd, PACK_HEADER_LEN
+        self._written_back = 0
         self._lengths[pack_id] = PACK_HEADER_LEN
         self._dirty.add(pack_id)
 
-    def _close_writer(self, keep_staged: bool = True) -> None:
-        """Stop appending to the write pack; what it has staged goes to the file first,
-        unless the pack is being removed."""
-        if self._writer is not None:
-            self._writer.close(keep_staged)  # raises before closing if the disk refuses
-            self._writer = self._write_id = None
+    def _close_write_fd(self) -> None:
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+            self._write_id = None
 
     def sync(self) -> dict[int, int]:
         """fsync every pack written since the last sync (and new directory entries).
@@ -245,8 +274,6 @@ class PackSet:
     def plan_sync(self) -> "SyncPlan":
         """Take what needs an fsync now; `SyncPlan.run` may then go to a worker thread
         while this thread goes on appending (those later appends wait for the next sync)."""
-        if self._writer is not None:
-            self._writer.flush()
         plan = SyncPlan(
             files=[self.path(p) for p in sorted(self._dirty)],
             dirs=sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True),
@@ -287,7 +314,7 @@ class PackSet:
         and compacting that pack would move its live blocks into itself."""
         self._sealed.add(pack_id)
         if pack_id == self._write_id:
-            self._close_writer()
+            self._close_write_fd()
 
     @_locked
     def retire(self, pack_id: int) -> None:
@@ -302,7 +329,7 @@ class PackSet:
     def remove(self, pack_id: int) -> None:
         """Delete a pack whose blocks the committed index no longer references."""
         if pack_id == self._write_id:
-            self._close_writer(keep_staged=False)
+            self._close_write_fd()
         with self._read_lock:
             fd = self._read_fds.pop(pack_id, None)
             if fd is not None:
@@ -320,10 +347,6 @@ class PackSet:
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
         """Read bytes from a pack. Thread-safe; may return fewer bytes at the end of a file,
         and none if the pack is gone (compacted away since its location was looked up)."""
-        if pack_id == self._write_id:
-            staged = self._read_staged(pack_id, offset, length)
-            if staged is not None:
-                return staged
         with self._read_lock:
             fd = self._read_fds.get(pack_id)
             if fd is None:
@@ -344,14 +367,6 @@ class PackSet:
                     self._close_when_idle.discard(fd)
                     os.close(fd)
 
-    @_locked
-    def _read_staged(self, pack_id: int, offset: int, length: int) -> bytes | None:
-        # Bytes the writer has not written yet. Once it has, they stay in the file:
-        # a pack's writer only ever writes past what it wrote before.
-        if pack_id != self._write_id or self._writer is None:
-            return None
-        return self._writer.read_staged(offset, length)
-
     def _close_read_fd(self, fd: int) -> None:
         """Close a read descriptor now or, if a read is using it, when that read ends.
         Call with `_read_lock` held."""
@@ -368,5 +383,5 @@ class PackSet:
 
     @_locked
     def close(self) -> None:
-        self._close_writer()
+        self._close_write_fd()
         self.forget_read_handles()
