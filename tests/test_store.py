@@ -123,7 +123,8 @@ async def test_a_hurried_put_compresses_at_level_1_unless_fixed(tmp_path, adapti
     assert level[1] > level[3]
     with Store.open(tmp_path / "s") as s:
         assert s.config.compression.adaptive is adaptive
-        hurried, calm = await s.blocks.put_many(blocks[:1], hurry=True), await s.blocks.put_many(blocks[1:])
+        hurried = await s.blocks.put_many(blocks[:1], hurry=True)
+        calm = await s.blocks.put_many(blocks[1:])
         assert s.blocks.locate(hurried[0]).stored_len == (level[1] if adaptive else level[3])
         assert s.blocks.locate(calm[0]).stored_len == len(
             zstandard.ZstdCompressor(level=3, write_content_size=True).compress(blocks[1]))
@@ -634,7 +635,8 @@ def test_open_rejects_bad_config(store_dir, change):
         "no version": text.replace("format_version = 1", ""),
         "bad toml": text + "\n[[[\n",
         "bad block size": text.replace("block_size = 131072", "block_size = 1000"),
-        "bad adaptive": text.replace("adaptive_compression = true", 'adaptive_compression = "yes"'),
+        "bad adaptive": text.replace("adaptive_compression = true",
+                                     'adaptive_compression = "yes"'),
     }[change]
     assert text != cfg.read_text() or change == "bad toml"
     cfg.write_text(text)

@@ -26,6 +26,6 @@ def init_cmd(store: str, block_size: str, compression: str, adaptive_compression
                         adaptive_compression=adaptive_compression)
     with Store.open(store) as s:
         Namespace(s)  # the root directory and the namespace's databases
-    adaptive = ", adaptive" if config.compression.hurried() != config.compression else ""
+    adaptive = ", adaptive" if config.compression.adapts else ""
     click.echo(f"initialised backupfs store {store} (block size "
                f"{config.block_size // 1024} KiB, compression {config.compression}{adaptive})")

@@ -21,6 +21,7 @@ import trio
 from ..errors import CorruptBlock, MissingBlock
 from . import codec
 from .codec import RECORD_HEADER_LEN, EncodedBlock
+from .config import Compression
 from .packs import PACK_HEADER_LEN
 
 if TYPE_CHECKING:
@@ -190,7 +191,8 @@ class BlockStore:
         try:
             try:
                 compression = self.compression.hurried() if hurry else self.compression
-                for h, (block, pack_id, offset) in (await self._store_new(new, compression)).items():
+                placed = await self._store_new(new, compression)
+                for h, (block, pack_id, offset) in placed.items():
                     self._index_new(block, pack_id, offset, refcount=wanted[h])
                     owned.append((h, wanted.pop(h)))
             finally:
@@ -211,7 +213,8 @@ class BlockStore:
             raise
         return hashes
 
-    async def _store_new(self, new: dict[bytes, bytes], compression) -> dict[bytes, tuple]:
+    async def _store_new(self, new: dict[bytes, bytes],
+                         compression: Compression) -> dict[bytes, tuple]:
         """Compress and append blocks that are in no pack yet; {hash: (block, pack id,
         offset)}. Each worker appends what it compressed (appends take a lock), so the
         disk writes of one block overlap the compression of the next; the index, which

@@ -50,11 +50,14 @@ class Compression:
     level: int = 0
     adaptive: bool = True  # may use HURRIED_LEVEL while writes outpace `level`
 
+    @property
+    def adapts(self) -> bool:
+        """Whether hurried writes get a faster level than this one."""
+        return self.codec == "zstd" and self.adaptive and self.level > HURRIED_LEVEL
+
     def hurried(self) -> "Compression":
         """The compression to use while writes come in faster than this one keeps up."""
-        if self.codec != "zstd" or not self.adaptive or self.level <= HURRIED_LEVEL:
-            return self
-        return Compression("zstd", HURRIED_LEVEL, adaptive=False)
+        return Compression("zstd", HURRIED_LEVEL, adaptive=False) if self.adapts else self
 
     @classmethod
     def parse(cls, text: str) -> "Compression":
