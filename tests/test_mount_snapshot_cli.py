@@ -91,6 +91,9 @@ def test_snapshot_list_label_hold(mount_factory):
 def test_two_snapshots_in_one_second(mount_factory):
     m = mount_factory().start()
     for _ in range(6):
+        # Start at a fresh second: one that an earlier round's snapshot took already
+        # would rightly make this round's names -2 and -3.
+        time.sleep(1.02 - time.time() % 1)
         procs = [subprocess.Popen([*BACKUPFS, "snapshot", m.path], stdout=subprocess.PIPE,
                                   text=True) for _ in range(2)]
         got = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
