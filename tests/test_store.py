@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
 from backupfs.store import CompactResult, Store, block_hash
-from backupfs.store.blockstore import cpu_limiter
+from backupfs.store.blockstore import INLINE_READ_MAX, cpu_limiter
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
@@ -389,7 +389,9 @@ async def test_flipped_byte_is_never_returned(store_dir, where, kind):
             await s.blocks.get_async(h)
         with pytest.raises(CorruptBlock):
             await s.blocks.get_many([other, h])
-        assert s.blocks.checksum_errors == 4
+        with pytest.raises(CorruptBlock):  # one cached block: checked in this thread
+            await s.blocks.get_many([h])
+        assert s.blocks.checksum_errors == 5
         assert s.blocks.get(other) == b"a neighbour"
 
 
@@ -446,6 +448,54 @@ async def test_put_many_from_trio(opened):
     for h, b in zip(hashes, batch):
         assert s.blocks.get(h) == b
     assert len(list(s.blocks.iter_locations())) == len(set(hashes))
+
+
+@pytest.fixture
+def thread_hops(monkeypatch) -> list[str]:
+    """The names of the functions the block store hands to a worker thread."""
+    hops: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await run_sync(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops
+
+
+async def test_a_small_cached_block_is_read_without_a_thread_hop(opened, thread_hops,
+                                                                  monkeypatch):
+    s = opened.store
+    rng = random.Random(14)
+    small, big = random_block(rng, 64 * KiB), random_block(rng, INLINE_READ_MAX + 1)
+    h_small, h_big = s.blocks.put(small), s.blocks.put(big)
+    s.commit()  # just written: the pack's pages are in the page cache
+    assert await s.blocks.get_many([h_small]) == [small]
+    assert await s.blocks.get_async(h_small) == small
+    assert thread_hops == []
+    # Too big to check in the event loop's thread, or more than one block: a worker does.
+    assert await s.blocks.get_many([h_big]) == [big]
+    assert len(thread_hops) == 1
+    assert await s.blocks.get_many([h_small, h_big]) == [small, big]
+    assert len(thread_hops) == 3  # one hop per worker thread (two cores at least)
+    # Not in the page cache: read_cached declines, and a worker waits for the disk.
+    monkeypatch.setattr(s.blocks.packs, "read_cached", lambda *a: None)
+    assert await s.blocks.get_async(h_small) == small
+    assert len(thread_hops) == 4
+
+
+def test_read_cached_gives_all_the_bytes_or_none(opened):
+    s = opened.store
+    h = s.blocks.put(random_block(random.Random(15), 64 * KiB))
+    s.commit()
+    loc, packs = s.blocks.locate(h), s.blocks.packs
+    whole = packs.read(loc.pack_id, loc.offset, loc.record_len)
+    assert len(whole) == loc.record_len
+    assert packs.read_cached(loc.pack_id, loc.offset, loc.record_len) == whole
+    end = loc.offset + loc.record_len
+    assert packs.read_cached(loc.pack_id, end - 10, 20) is None  # cut short by the end
+    assert packs.read_cached(loc.pack_id + 1, 0, 10) is None  # no such pack
 
 
 async def test_put_many_concurrent_batches_dedup(opened):

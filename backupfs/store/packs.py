@@ -8,6 +8,7 @@ pack and deletes the old file once the index no longer points into it).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -17,6 +18,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreError
@@ -36,6 +38,8 @@ SPACE_RECHECK = 64 * 1024 * 1024
 # Appended bytes are handed to the disk in chunks of this size as they come, so that the
 # fsync at commit finds little left to write and compression overlaps the disk's work.
 WRITEBACK_CHUNK = 8 * 1024 * 1024
+# preadv2's flag for "fail with EAGAIN rather than wait for the disk" (Linux 4.14).
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x00000008)
 
 
 def _start_writeback_fn():
@@ -116,6 +120,7 @@ class PackSet:
         # under a reader, whose pread would then fail or read whatever file reuses it.
         self._reads_in_flight: dict[int, int] = {}
         self._close_when_idle: set[int] = set()
+        self._nowait_works = hasattr(os, "preadv")
         self._write_id: int | None = None
         self._write_fd: int | None = None
         self._write_len = 0
@@ -347,17 +352,53 @@ class PackSet:
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
         """Read bytes from a pack. Thread-safe; may return fewer bytes at the end of a file,
         and none if the pack is gone (compacted away since its location was looked up)."""
+        with self._reading(pack_id) as fd:
+            return b"" if fd is None else os.pread(fd, length, offset)
+
+    def read_cached(self, pack_id: int, offset: int, length: int) -> bytearray | None:
+        """All `length` bytes if the page cache holds them, else None, without ever waiting
+        for the disk (RWF_NOWAIT), so that the event loop may call it. A miss still starts
+        the kernel's read-ahead, which the reader that then waits for the disk will find
+        under way."""
+        if not self._nowait_works:
+            return None
+        buf = bytearray(length)
+        with self._reading(pack_id) as fd:
+            if fd is None:
+                return None
+            try:
+                n = os.preadv(fd, [buf], offset, RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                log.info("%s cannot read without waiting (%s): every read waits",
+                         self.root, os.strerror(e.errno))
+                self._nowait_works = False
+                return None
+        return buf if n == length else None
+
+    @contextlib.contextmanager
+    def _reading(self, pack_id: int) -> Iterator[int | None]:
+        """A read descriptor of the pack (None if the pack is gone), kept open until the
+        `with` block ends even if the pack is removed meanwhile."""
         with self._read_lock:
             fd = self._read_fds.get(pack_id)
             if fd is None:
                 try:
                     fd = os.open(self.path(pack_id), os.O_RDONLY)
                 except FileNotFoundError:
-                    return b""
-                self._read_fds[pack_id] = fd
-            self._reads_in_flight[fd] = self._reads_in_flight.get(fd, 0) + 1
+                    fd = None
+                else:
+                    self._read_fds[pack_id] = fd
+            if fd is not None:
+                self._reads_in_flight[fd] = self._reads_in_flight.get(fd, 0) + 1
+        if fd is None:
+            yield None
+            return
         try:
-            return os.pread(fd, length, offset)
+            yield fd
         finally:
             with self._read_lock:
                 left = self._reads_in_flight.pop(fd) - 1
