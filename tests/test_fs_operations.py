@@ -118,6 +118,22 @@ async def test_snapshot_is_frozen_and_read_only(fs):
     assert await fs.readlink(latest.st_ino, CTX) == record.name.encode()
 
 
+async def test_an_absent_name_is_an_answer_the_kernel_may_keep(fs):
+    """A missing name is a negative entry (st_ino 0) the kernel caches as long as a
+    present one, except in /snapshots, whose names come and go behind its back."""
+    gone = await fs.lookup(ROOT, b"absent", CTX)
+    assert gone.st_ino == 0 and gone.entry_timeout == inodes.LIVE_TIMEOUT
+    record = await fs.take_snapshot(label="t")
+    root = await fs.lookup(inodes.SNAPSHOTS_DIR_INO, record.name.encode(), CTX)
+    gone = await fs.lookup(root.st_ino, b"absent", CTX)
+    assert gone.st_ino == 0 and gone.entry_timeout == inodes.SNAPSHOT_TIMEOUT
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await fs.lookup(inodes.SNAPSHOTS_DIR_INO, b"2099-01-01T000000Z", CTX)
+    assert e.value.errno == errno.ENOENT
+    fh, ino = await new_file(fs, b"absent")
+    assert (await fs.lookup(ROOT, b"absent", CTX)).st_ino == ino
+
+
 async def test_snapshots_name_is_reserved_at_root(fs):
     for attempt in (fs.mkdir(ROOT, b"snapshots", 0o755, CTX),
                     fs.create(ROOT, b"snapshots", stat.S_IFREG | 0o644, os.O_RDWR, CTX)):

@@ -428,6 +428,41 @@ def test_xattrs(d):
         errno.EOPNOTSUPP
 
 
+def test_names_looked_up_while_absent_appear_once_created(d):
+    """The kernel keeps "no such name" answers (negative entries): every way of making
+    a name must still show it at once, to this process and to another one."""
+    (d / "src").write_bytes(b"source")
+
+    def rename_onto(p: Path) -> None:
+        (d / "moved").write_bytes(b"moved")
+        os.rename(d / "moved", p)
+
+    makers = {
+        "file": lambda p: p.write_bytes(b"new"),
+        "dir": lambda p: p.mkdir(),
+        "symlink": lambda p: p.symlink_to("src"),
+        "hardlink": lambda p: os.link(d / "src", p),
+        "fifo": lambda p: os.mkfifo(p),
+        "rename": rename_onto,
+        "exclusive": lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)),
+    }
+    for kind, make in makers.items():
+        p = d / f"later-{kind}"
+        for _ in range(3):
+            assert errno_of(os.lstat, p) == errno.ENOENT
+        assert subprocess.run(["stat", p], capture_output=True).returncode != 0
+        make(p)
+        assert os.lstat(p), kind
+        assert subprocess.run(["stat", p], capture_output=True).returncode == 0, kind
+        assert p.name in os.listdir(d)
+    # Gone again after unlink and rename away, and back when made again.
+    p = d / "later-file"
+    os.unlink(p)
+    assert errno_of(os.lstat, p) == errno.ENOENT
+    os.rename(d / "later-rename", p)
+    assert p.read_bytes() == b"moved"
+
+
 def test_ls_l_asks_for_labels_and_acls_once_per_listing(d):
     """`ls -l` stops asking a filesystem that answered EOPNOTSUPP: two xattr round trips
     per listing instead of two per file (what `ls -l` of a big directory costs)."""

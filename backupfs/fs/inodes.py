@@ -65,5 +65,14 @@ def entry_attributes(attr, kernel_ino: int, block_size: int, timeout: float,
     return e
 
 
+def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
+    """The answer to a lookup of a name that does not exist, which the kernel caches for
+    `timeout` seconds (an ENOENT error it would ask again for at every open or stat)."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = 0
+    e.entry_timeout = timeout
+    return e
+
+
 def is_dir(mode: int) -> bool:
     return stat.S_ISDIR(mode)

@@ -271,7 +271,14 @@ class BackupFS(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         slot, ino, view = self._resolve(parent_inode)
-        attr = view.lookup(ino, name)
+        child = view.child(ino, name)
+        if child is None:
+            # Only this mount changes the live tree and nothing changes a snapshot, so
+            # the kernel may remember an absent name as long as a present one (`rsync`
+            # asks three times for each name it is about to create).
+            return inodes.negative_entry(inodes.SNAPSHOT_TIMEOUT if slot
+                                         else inodes.LIVE_TIMEOUT)
+        attr = view.getattr(child)
         if slot:
             return self._entry(attr, inodes.join(slot, attr.ino), slot)
         return self._remember(attr)
