@@ -40,12 +40,10 @@ def read_journal(path: Path) -> list[dict]:
 
 def check_promises(mnt: Path, journal: list[dict]) -> tuple[int, int]:
     files = snapshots = 0
-    deleting, deleted = set(), set()
-    for entry in journal:
-        if entry["kind"] == "deleting":
-            deleting.add(entry["name"])
-        elif entry["kind"] == "deleted":
-            deleted.add(entry["name"])
+    # Each snapshot name's last event and the manifest it was taken with. A name a
+    # deletion freed may be taken again by a snapshot in the same second, even in the
+    # next cycle: then only the later snapshot's fate counts.
+    fate: dict[str, tuple[str, dict]] = {}
     for entry in journal:
         if entry["kind"] == "file":
             data = (mnt / entry["name"]).read_bytes()
@@ -54,14 +52,18 @@ def check_promises(mnt: Path, journal: list[dict]) -> tuple[int, int]:
             assert data == content(entry["seed"], entry["seq"], entry["size"])
             files += 1
         elif entry["kind"] == "snapshot":
-            path = mnt / "snapshots" / entry["name"]
-            if entry["name"] in deleted:
-                assert not path.exists(), f"deleted snapshot {entry['name']} is back"
-            elif entry["name"] in deleting and not path.exists():
-                pass  # the kill came during its deletion
-            else:
-                assert manifest(path) == entry["manifest"], f"snapshot {entry['name']} changed"
-                snapshots += 1
+            fate[entry["name"]] = ("taken", entry["manifest"])
+        else:  # "deleting", then "deleted" once the command has answered
+            fate[entry["name"]] = (entry["kind"], fate[entry["name"]][1])
+    for name, (event, taken) in fate.items():
+        path = mnt / "snapshots" / name
+        if event == "deleted":
+            assert not path.exists(), f"deleted snapshot {name} is back"
+        elif event == "deleting" and not path.exists():
+            pass  # the kill came during its deletion
+        else:
+            assert manifest(path) == taken, f"snapshot {name} changed"
+            snapshots += 1
     return files, snapshots
 
 
