@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
 from backupfs.store import CompactResult, Store, block_hash
-from backupfs.store.blockstore import INLINE_READ_MAX, cpu_limiter
+from backupfs.store.blockstore import INLINE_HASH_MAX, INLINE_READ_MAX, cpu_limiter
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
@@ -490,6 +490,22 @@ async def test_cached_blocks_are_read_without_a_thread_hop(opened, thread_hops,
                         None if offset == text_at else read_cached(pack, offset, n))
     assert await s.blocks.get_many([h_small, h_text]) == [small, text]
     assert len(thread_hops) == 4
+
+
+async def test_put_many_hashes_a_small_batch_without_a_thread_hop(opened, thread_hops):
+    s = opened.store
+    rng = random.Random(16)
+    known = [random_block(rng) for _ in range(4)]
+    await s.blocks.put_many(known)
+    assert len(thread_hops) == 2  # compressing the new blocks: one hop per thread
+    # Known blocks are only hashed and counted: here, with no hop at all.
+    assert await s.blocks.put_many(known) == [block_hash(b) for b in known]
+    assert len(thread_hops) == 2
+    # More bytes than that: workers hash them, then compress the new ones.
+    many = known * (INLINE_HASH_MAX // sum(map(len, known))) + [random_block(rng)]
+    assert await s.blocks.put_many(many) == [block_hash(b) for b in many]
+    assert len(thread_hops) == 2 + 2 + 1
+    assert s.blocks.refcount(block_hash(known[0])) == 2 + len(many) // len(known)
 
 
 def test_read_cached_gives_all_the_bytes_or_none(opened):
