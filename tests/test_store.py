@@ -492,6 +492,24 @@ async def test_cached_blocks_are_read_without_a_thread_hop(opened, thread_hops,
     assert len(thread_hops) == 4
 
 
+def test_read_cached_gives_up_for_good_where_nowait_is_refused(opened, monkeypatch):
+    s = opened.store
+    h = s.blocks.put(b"on a filesystem without RWF_NOWAIT")
+    s.commit()
+    loc, packs = s.blocks.locate(h), s.blocks.packs
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(os, "preadv", refuse)
+    for _ in range(3):
+        assert packs.read_cached(loc.pack_id, loc.offset, loc.record_len) is None
+    assert len(calls) == 1
+    assert s.blocks.get(h) == b"on a filesystem without RWF_NOWAIT"
+
+
 async def test_put_many_hashes_a_small_batch_without_a_thread_hop(opened, thread_hops):
     s = opened.store
     rng = random.Random(16)

@@ -38,12 +38,12 @@ DEAD_KEY = struct.Struct(">I32s")
 # The blocks of one call whose records the page cache holds are checked in the event
 # loop's thread, up to this many bytes in all (one READ's worth): on this 2-core VM a hop
 # to a worker thread and back costs more than checking them there. Measured: a small
-# file's READ took ~850 us with the hop, ~300 us without; a cold 1 GiB `dd` read 423-493
-# MB/s against 251-377, with 40% less daemon CPU.
+# file's READ took ~850 us with the hop, ~300 us without; a cold 1 GiB `dd` read ran at
+# 352-425 MB/s against 223-355, on a third less daemon CPU (docs/performance.md).
 INLINE_READ_MAX = 1024 * 1024
 # put_many hashes a batch of up to this many bytes in the event loop's thread too: BLAKE3
 # runs at ~3.4 GB/s here, so about a millisecond, less than the hops to two workers and
-# back. A 1 GiB dd through the mount, interleaved: 215-233 MB/s against 194-220; the
+# back. A 1 GiB dd through the mount, interleaved: 215-245 MB/s against 194-233; the
 # same GiB again (all deduplicated): 321-466 against 316-418, with 25-35% less CPU.
 INLINE_HASH_MAX = 4 * 1024 * 1024
 
@@ -351,7 +351,7 @@ class BlockStore:
 
     async def get_async(self, h: bytes) -> bytes:
         """`get` without blocking the event loop: the reading and checking happen in a
-        worker thread, unless the block is small and already in the page cache."""
+        worker thread, unless the block's record is in the page cache (see get_many)."""
         return (await self.get_many([h]))[0]
 
     async def get_many(self, hashes: Sequence[bytes]) -> list[bytes]:
