@@ -14,8 +14,9 @@ to 3.1-3.3 s (docs/performance.md).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+
+from . import libc
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,9 @@ TRIM_THRESHOLD = 64 * 1024 * 1024
 
 def keep_freed_memory() -> bool:
     """Tune glibc's allocator for this process; False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = libc.function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     ok = (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
           and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     if not ok:

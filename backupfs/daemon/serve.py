@@ -19,6 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from .. import libc
 from ..errors import BackupfsError
 from ..fs import BackupFS
 from ..namespace import Namespace, SnapshotHeld
@@ -53,11 +54,15 @@ def fuse_options(store_path: Path, extra: list[str]) -> set[str]:
     return opts
 
 
+_libc_syncfs = libc.function("syncfs", [ctypes.c_int])
+
+
 def _syncfs(path: Path) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
+    if _libc_syncfs is None:
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        libc.syncfs(fd)
+        _libc_syncfs(fd)
     finally:
         os.close(fd)
 

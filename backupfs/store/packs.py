@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -21,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .. import libc
 from ..errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,10 @@ def _start_writeback_fn():
     """`sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`: start writing a range out
     without waiting for it. The os module lacks it; without libc it is simply skipped
     (the fsync at commit then writes everything, as before)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
+    fn = libc.function("sync_file_range",
+                       [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    if fn is None:
         return lambda fd, offset, n: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
     write = 2  # SYNC_FILE_RANGE_WRITE
     return lambda fd, offset, n: fn(fd, offset, n, write)
 
