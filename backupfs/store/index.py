@@ -20,9 +20,9 @@ MAX_DBS = 32
 # cold page was its own synchronous 4 KiB read, in the event loop's thread: a cold 1 GiB
 # read through the mount ran at 340-344 MB/s with it and 400-507 without, and a cold
 # `ls -l` of 10,000 files took 0.37-0.46 s against 0.28-0.35 (interleaved, eighth
-# session). A big index read at random does not pay for this: the kernel stops
-# reading around a mapping after 100 faults that found nothing it had read ahead
-# (MMAP_LOTSAMISS in mm/filemap.c).
+# session). A big index read at random does not pay for this for long: the kernel stops
+# reading around a mapping once its faults that found nothing read ahead outnumber
+# those that did by 100 (MMAP_LOTSAMISS in mm/filemap.c).
 INDEX_READAHEAD = True
 
 
