@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
 from backupfs.store import CompactResult, Store, block_hash
 from backupfs.store.blockstore import INLINE_HASH_MAX, INLINE_READ_MAX, cpu_limiter
+from backupfs.store import index
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
@@ -490,6 +491,22 @@ async def test_cached_blocks_are_read_without_a_thread_hop(opened, thread_hops,
                         None if offset == text_at else read_cached(pack, offset, n))
     assert await s.blocks.get_many([h_small, h_text]) == [small, text]
     assert len(thread_hops) == 4
+
+
+def test_the_index_is_read_around_only_while_it_fits_in_memory(tmp_path, monkeypatch):
+    """Read-around warms an index that fits in memory; one far bigger than memory is read
+    at random for good, where each miss would read the disk's whole read-ahead."""
+    Store.init(tmp_path / "s")
+    with Store.open(tmp_path / "s") as s:
+        assert s.env.flags()["readahead"]
+    size = (tmp_path / "s" / index.INDEX_DIR / "data.mdb").stat().st_size
+    small_memory = size * index.READ_AROUND_MAX_SHARE - 1
+    monkeypatch.setattr(index, "_memory_bytes", lambda: small_memory)
+    with Store.open(tmp_path / "s") as s:
+        assert not s.env.flags()["readahead"]
+    with Store.open(tmp_path / "s", readonly=True) as s:  # the admin commands' way in
+        assert not s.env.flags()["readahead"]
+    assert index.reads_around(size, size * index.READ_AROUND_MAX_SHARE)
 
 
 def test_read_cached_gives_up_for_good_where_nowait_is_refused(opened, monkeypatch):

@@ -7,6 +7,7 @@ LMDB is opened with full durability: a commit returns only once it is on disk.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lmdb
@@ -20,16 +21,28 @@ MAX_DBS = 32
 # cold page was its own synchronous 4 KiB read, in the event loop's thread: a cold 1 GiB
 # read through the mount ran at 340-344 MB/s with it and 400-507 without, and a cold
 # `ls -l` of 10,000 files took 0.37-0.46 s against 0.28-0.35 (interleaved, eighth
-# session). A big index read at random does not pay for this for long: the kernel stops
-# reading around a mapping once its faults that found nothing read ahead outnumber
-# those that did by 100 (MMAP_LOTSAMISS in mm/filemap.c).
-INDEX_READAHEAD = True
+# session). That pays while the index fits in memory: what is read around stays. An
+# index much bigger than memory is read at random for good (block hashes are random
+# keys), and each miss would then read the disk's whole read-ahead (up to several MiB
+# on a RAID) for one page, so such an index keeps NORDAHEAD.
+READ_AROUND_MAX_SHARE = 4  # read around while the index is at most 1/4 of memory
+
+
+def reads_around(index_bytes: int, memory_bytes: int) -> bool:
+    """Whether to let the kernel read around cold pages of an index this big."""
+    return index_bytes <= memory_bytes // READ_AROUND_MAX_SHARE
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def open_environment(store_dir: Path, readonly: bool = False, create: bool = False) -> lmdb.Environment:
     path = Path(store_dir) / INDEX_DIR
-    if not create and not (path / "data.mdb").exists():
+    data = path / "data.mdb"
+    if not create and not data.exists():
         raise StoreError(f"{store_dir}: not a backupfs store (no {INDEX_DIR})")
+    index_bytes = data.stat().st_size if data.exists() else 0
     try:
         return lmdb.open(
             str(path),
@@ -40,7 +53,7 @@ def open_environment(store_dir: Path, readonly: bool = False, create: bool = Fal
             create=create,
             sync=True,
             metasync=True,
-            readahead=INDEX_READAHEAD,
+            readahead=reads_around(index_bytes, _memory_bytes()),
             meminit=False,
             max_readers=256,
             lock=True,
