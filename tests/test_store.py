@@ -24,9 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
-from backupfs.store import CompactResult, Store, block_hash
+from backupfs.store import CompactResult, Store, block_hash, index
 from backupfs.store.blockstore import INLINE_HASH_MAX, INLINE_READ_MAX, cpu_limiter
-from backupfs.store import index
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
