@@ -39,10 +39,12 @@ def _memory_bytes() -> int:
 
 def open_environment(store_dir: Path, readonly: bool = False, create: bool = False) -> lmdb.Environment:
     path = Path(store_dir) / INDEX_DIR
-    data = path / "data.mdb"
-    if not create and not data.exists():
-        raise StoreError(f"{store_dir}: not a backupfs store (no {INDEX_DIR})")
-    index_bytes = data.stat().st_size if data.exists() else 0
+    try:
+        index_bytes = (path / "data.mdb").stat().st_size
+    except (FileNotFoundError, NotADirectoryError):  # what Path.exists() took as absent
+        if not create:
+            raise StoreError(f"{store_dir}: not a backupfs store (no {INDEX_DIR})") from None
+        index_bytes = 0
     try:
         return lmdb.open(
             str(path),
