@@ -87,11 +87,12 @@ class Mount:
         os.stat(self.path)
         return self
 
-    def stop(self) -> None:
-        """Unmount with the CLI, which must succeed, and wait for the daemon to exit."""
+    def stop(self, *umount_args: str, daemon_exit: int = 0) -> None:
+        """Unmount with the CLI, which must succeed, and wait for the daemon to exit
+        with `daemon_exit`."""
         if self.proc is None:
             return
-        r = backupfs("umount", self.path, check=False, timeout=UMOUNT_TIMEOUT)
+        r = backupfs("umount", *umount_args, self.path, check=False, timeout=UMOUNT_TIMEOUT)
         try:
             code = self.proc.wait(timeout=UMOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -100,7 +101,7 @@ class Mount:
         self.proc = None
         self._log.close()
         assert r.returncode == 0, f"umount failed: {r.stderr}\n{self.log()}"
-        assert code == 0, f"daemon exited with {code}:\n{self.log()}"
+        assert code == daemon_exit, f"daemon exited with {code}:\n{self.log()}"
         self.check_log()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -26,6 +26,22 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.fixture
+def small_disk_mount(small_disk, tmp_path):
+    """A mount of a store on the small disk, always unmounted at teardown:
+    small_disk_mount(**Mount options)."""
+    made: list[Mount] = []
+
+    def make(**kw) -> Mount:
+        m = Mount(small_disk / "s", tmp_path / "mnt", log_path=tmp_path / "daemon.log", **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.cleanup()
+
+
 def write_file(path: Path, data: bytes, chunk: int = 1 << 20) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -43,8 +59,8 @@ def fsck_clean(store: Path) -> dict:
     return report
 
 
-def test_full_disk_is_enospc_and_harms_nothing(small_disk, tmp_path):
-    m = Mount(small_disk / "s", tmp_path / "mnt", log_path=tmp_path / "daemon.log").start()
+def test_full_disk_is_enospc_and_harms_nothing(small_disk, small_disk_mount):
+    m = small_disk_mount().start()
     keep = os.urandom(2_000_000)
     write_file(m.path / "keep", keep)
     statfs_before = os.statvfs(m.path)
@@ -68,6 +84,81 @@ def test_full_disk_is_enospc_and_harms_nothing(small_disk, tmp_path):
     assert (m.path / "keep").read_bytes() == keep
     assert (m.path / "after").read_bytes() == after
     assert (m.path / "dir2").is_dir()
+    m.stop()
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def fill_disk(disk: Path, leave: int = 256 << 10) -> Path:
+    """Something other than the store fills its disk, to less than the store's reserve."""
+    st = os.statvfs(disk)
+    ballast = disk / "ballast"
+    ballast.write_bytes(bytes(st.f_bavail * st.f_frsize - leave))
+    return ballast
+
+
+def write_back(path: Path) -> None:
+    """syncfs: the kernel hands what it caches for the mount to the daemon."""
+    subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+def test_a_failed_writeback_is_reported_and_held_data_stops_umount(small_disk,
+                                                                   small_disk_mount):
+    """A full disk is told, never papered over. Bytes the kernel could not hand over are
+    named by the next snapshot; bytes the daemon holds and cannot store keep the mount
+    (and them) until there is space, or go only when umount is told to lose them."""
+    m = small_disk_mount(txg_interval=3600).start()
+    keep = os.urandom(2_000_000)
+    write_file(m.path / "keep", keep)
+    ballast = fill_disk(small_disk)
+
+    # Written into the kernel's cache; the daemon refuses it when the kernel writes it back.
+    big = os.open(m.path / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    for _ in range(8):
+        os.write(big, os.urandom(1 << 20))
+    r = backupfs("snapshot", m.path)
+    assert r.stderr.startswith("backupfs: warning: some bytes written before this snapshot "
+                               "could not be stored (No space left on device)"), r.stderr
+    first = r.stdout.strip()
+    assert [s["name"] for s in json.loads(backupfs("list", m.path, "--json").stdout)] == [first]
+    # Reported once (the log has it); the next snapshot has nothing to warn of.
+    r = backupfs("snapshot", m.path)
+    assert r.stderr == "", r.stderr
+    assert "the kernel could not write back some bytes" in m.log()
+    with pytest.raises(OSError) as e:
+        os.fsync(big)  # and its writer is told
+    assert e.value.errno == errno.ENOSPC
+    os.close(big)
+    (m.path / "big").unlink()
+
+    # A partial block the daemon holds (nobody fsyncs it), then the disk fills up.
+    ballast.unlink()
+    tail = os.open(m.path / "tail", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(tail, os.urandom(100_000))
+    write_back(m.path)
+    ballast = fill_disk(small_disk)
+    error = one_line_error(backupfs("snapshot", m.path, check=False))
+    assert "No space left on device" in error, error
+    with pytest.raises(OSError) as e:
+        os.fsync(tail)
+    assert e.value.errno == errno.ENOSPC
+    os.close(tail)
+    error = one_line_error(backupfs("umount", m.path, check=False))
+    assert error.startswith(f"backupfs: {m.path}: not unmounted: No space left on device"), error
+    assert (m.path / "keep").read_bytes() == keep  # still mounted, still serving
+
+    m.stop("--force", daemon_exit=1)
+    assert "unmounting: buffered data of 1 files could not be stored" in m.log()
+    ballast.unlink()
+    fsck_clean(m.store)
+    m.start()
+    assert (m.path / "keep").read_bytes() == keep
+    assert len(json.loads(backupfs("list", m.path, "--json").stdout)) == 2
     m.stop()
 
 

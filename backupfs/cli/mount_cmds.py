@@ -128,13 +128,28 @@ def _wait_for_store_release(store: Path, timeout: float) -> bool:
 @main.command("umount")
 @click.argument("mountpoint", type=click.Path())
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if busy (fusermount3 -z).")
-def umount_cmd(mountpoint, lazy):
-    """Flush, commit and unmount MOUNTPOINT; waits for the daemon to finish."""
+@click.option("--force", is_flag=True,
+              help="Unmount even if written data cannot be stored (a full disk): it is lost.")
+def umount_cmd(mountpoint, lazy, force):
+    """Flush, commit and unmount MOUNTPOINT; waits for the daemon to finish.
+
+    If written data cannot be stored first (the store's disk is full), MOUNTPOINT stays
+    mounted, the data kept, until space is freed or --force is given."""
     from ..daemon.mountinfo import find_mount
+    from ..daemon.protocol import ControlClient, DaemonError
 
     m = find_mount(mountpoint)
     if m is None:
         raise BackupfsError(f"{mountpoint}: not a backupfs mount")
+    try:
+        # Stored while still mounted, so a failure can leave the data where it is.
+        ControlClient(m.store).call("flush")
+    except DaemonError as e:
+        if not force:
+            raise BackupfsError(f"{mountpoint}: not unmounted: {e}; free space on the "
+                                f"store's disk and try again, or --force to lose it") from None
+    except BackupfsError:
+        pass  # no access to the control socket: unmounting still writes everything back
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(m.mountpoint)]
     r = subprocess.run(args, capture_output=True, text=True)
     if r.returncode != 0:

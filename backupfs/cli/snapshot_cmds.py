@@ -30,6 +30,8 @@ def snapshot_cmd(target, label, hold):
     """Take a snapshot now; prints its directory name under /snapshots."""
     r = _client(target).call("snapshot", label=label, hold=hold)
     click.echo(r["name"])
+    if r.get("warning"):
+        click.echo(f"backupfs: warning: {r['warning']}", err=True)
 
 
 @main.command("list")

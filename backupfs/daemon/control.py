@@ -96,6 +96,7 @@ class ControlServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             buf = b""
+            op = None
             try:
                 while not buf.endswith(b"\n"):
                     chunk = await stream.receive_some(65536)
@@ -113,6 +114,10 @@ class ControlServer:
                 answer = {"ok": True, "result": result}
             except (BackupfsError, ValueError, KeyError, TypeError) as e:
                 answer = {"ok": False, "error": str(e) or type(e).__name__}
+            except OSError as e:
+                # A full disk or a failed writeback: the user's to fix, not a daemon bug.
+                log.warning("control %s: %s", op, e.strerror or e)
+                answer = {"ok": False, "error": e.strerror or str(e)}
             except Exception as e:
                 log.exception("control request failed")
                 answer = {"ok": False, "error": f"internal error: {e}"}

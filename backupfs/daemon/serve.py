@@ -58,11 +58,17 @@ _libc_syncfs = libc.function("syncfs", [ctypes.c_int])
 
 
 def _syncfs(path: Path) -> None:
+    """Have the kernel write back what it caches for the mount at `path`.
+
+    Raises OSError if writing back failed, here or earlier unseen: syncfs reports each
+    writeback error of a filesystem once, to the first syncfs after it."""
     if _libc_syncfs is None:
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _libc_syncfs(fd)
+        if _libc_syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
 
@@ -162,15 +168,20 @@ class Daemon:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         await ops.finish_deletes()
+        unstored = None
         try:
             await ops.flush_everything()
         except OSError as e:
             dirty = sum(1 for b in ops.data.buffers.values() if b.dirty)
-            log.error("unmounting: buffered data of %d files could not be stored (%s); "
-                      "everything else is committed", dirty, e)
+            unstored = f"buffered data of {dirty} files could not be stored ({e.strerror})"
+            log.error("unmounting: %s; everything else is committed", unstored)
+        # Once sealing has failed at the end, trying again only fails again: the
+        # metadata commits without it.
         while ops.ns.collect_garbage(GC_BUDGET):
-            await ops.txg.commit()
-        await ops.txg.commit()
+            await ops.txg.commit(seal=unstored is None)
+        await ops.txg.commit(seal=unstored is None)
+        if unstored is not None:
+            raise BackupfsError(f"{self.mountpoint} unmounted, but {unstored}")
 
     async def _txg_timer(self) -> None:
         full = False
@@ -201,7 +212,7 @@ class Daemon:
                                            capture_output=True).returncode == 0)
                 if not done:
                     log.warning("%s is busy: writing back and detaching it", self.mountpoint)
-                    await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+                    await self._write_back()
                     pyfuse3.terminate()
                 return
 
@@ -223,16 +234,35 @@ class Daemon:
         return {"store": str(self.store_path), "mountpoint": str(self.mountpoint),
                 "pid": os.getpid()}
 
+    async def _write_back(self) -> str | None:
+        """Make what the kernel caches for the mount reach the daemon. If some of it
+        could not be stored (the daemon refused it, say for a full disk), those bytes
+        are in neither the live tree nor the store: say so in the log (a writer that
+        calls fsync gets the error there too), and return why."""
+        try:
+            await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+        except OSError as e:
+            log.error("%s: the kernel could not write back some bytes written to the "
+                      "mount (%s): they are not stored", self.mountpoint, e.strerror)
+            return e.strerror
+        return None
+
     async def control_snapshot(self, label: str | None = None, hold: bool = False) -> dict:
         # What the kernel still holds in its writeback cache was written before this
         # request: make it reach us before the gate closes.
-        await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+        lost = await self._write_back()
         torn_since = await self.ops.pull_dirty_pages()
         record = await self.ops.take_snapshot(label=label, hold=bool(hold),
                                               torn_since=torn_since)
         log.info("snapshot %s taken (epoch %d%s)", record.name, record.epoch,
                  f", label {label!r}" if label else "")
-        return snapshot_dict(record)
+        answer = snapshot_dict(record)
+        if lost is not None:
+            # Taken all the same: it holds the live tree as it is, and refusing it would
+            # leave everything else written since the last snapshot unprotected.
+            answer["warning"] = (f"some bytes written before this snapshot could not be "
+                                 f"stored ({lost}) and are not in it; see the daemon's log")
+        return answer
 
     async def control_list(self) -> list[dict]:
         return [snapshot_dict(r) for r in self.ops.visible_snapshots()]
@@ -295,7 +325,7 @@ class Daemon:
     async def control_flush(self) -> dict:
         """Make the committed state current: written data, and the space of deleted
         files released (what fsck, verify and stats read)."""
-        await trio.to_thread.run_sync(_syncfs, self.mountpoint)
+        await self._write_back()
         await self.ops.flush_everything()
         while self.ops.ns.collect_garbage(GC_BUDGET):
             await self.ops.txg.commit()

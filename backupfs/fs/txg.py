@@ -27,10 +27,12 @@ class TransactionGroups:
         """Held while something else commits the store itself (compaction)."""
         return self._lock
 
-    async def commit(self) -> None:
+    async def commit(self, seal: bool = True) -> None:
+        """Seal (unless `seal` is False), sync the packs, commit. A seal that fails for
+        a full disk still commits the metadata, then raises its OSError."""
         async with self._lock:
             failed = None
-            if self.seal is not None:
+            if seal and self.seal is not None:
                 try:
                     await self.seal()
                 except OSError as e:
