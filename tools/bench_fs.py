@@ -18,6 +18,10 @@ and on a plain directory of the disk that holds the store:
   cp -a in      `cp -a` of the raw disk's copy of those files into the filesystem
   unlink        unlink every file
 
+For the sequential write and the cold read it also reads the busy CPU seconds of the
+whole machine (`/proc/stat`), and prints what that work would allow if it kept every
+core busy: a target above that ceiling needs less work, not better overlap.
+
 After each round, the sequential write also goes into `memfs --discard-data`, which keeps
 no bytes: the cost of FUSE and pyfuse3 alone (memfs itself is no ceiling for big writes:
 it pays for the fresh memory it stores them in).
@@ -101,8 +105,25 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def seq_write_MBps(path: Path, data: bytes) -> float:
-    """Write `data` to a new file in 1 MiB writes, then fsync; MB/s."""
+def busy_cpu_s() -> float:
+    """CPU seconds every core together has been busy since boot: user, system and
+    interrupts, not idle, waiting for I/O or stolen by the hypervisor."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_with_cpu(fn) -> tuple[float, float]:
+    """Seconds `fn` took, and the busy CPU seconds of the whole machine meanwhile (the
+    daemon, the kernel's side of FUSE and of the disk, and the caller)."""
+    cpu = busy_cpu_s()
+    wall = timed(fn)
+    return wall, busy_cpu_s() - cpu
+
+
+def seq_write(path: Path, data: bytes) -> tuple[float, float]:
+    """Write `data` to a new file in 1 MiB writes, then fsync: MB/s, and the busy CPU
+    seconds of the machine meanwhile."""
     def write():
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         try:
@@ -113,15 +134,16 @@ def seq_write_MBps(path: Path, data: bytes) -> float:
         finally:
             os.close(fd)
 
-    return len(data) / 1e6 / timed(write)
+    wall, cpu = timed_with_cpu(write)
+    return len(data) / 1e6 / wall, cpu
 
 
 def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> dict:
     res: dict[str, float] = {}
     size = len(data)
     big = root / "big"
-    res["seq_write_MBps"] = seq_write_MBps(big, data)
-    res["seq_rewrite_MBps"] = seq_write_MBps(root / "big2", data)
+    res["seq_write_MBps"], res["seq_write_cpu_s"] = seq_write(big, data)
+    res["seq_rewrite_MBps"] = seq_write(root / "big2", data)[0]
     os.unlink(root / "big2")
     drop_caches()
 
@@ -138,7 +160,8 @@ def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> di
         finally:
             os.close(fd)
 
-    res["cold_read_MBps"] = size / 1e6 / timed(read_big)
+    wall, res["cold_read_cpu_s"] = timed_with_cpu(read_big)
+    res["cold_read_MBps"] = size / 1e6 / wall
     os.unlink(big)
 
     small = root / "small"
@@ -187,6 +210,10 @@ def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> di
     return res
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("inf")
+
+
 def median_table(rounds: list[dict[str, dict]]) -> tuple[dict, dict]:
     """Medians over the rounds: {target: {measure: value}} and {measure: {ratio: value}},
     each ratio the median of the per-round ratios (not the ratio of the medians), plus
@@ -196,11 +223,28 @@ def median_table(rounds: list[dict[str, dict]]) -> tuple[dict, dict]:
                for t in rounds[0]}
     ratios = {}
     for k in keys:
-        vs_raw = [r["backupfs"][k] / r["raw"][k] for r in rounds]
-        vs_mem = [r["backupfs"][k] / r["memfs"][k] for r in rounds]
+        vs_raw = [_ratio(r["backupfs"][k], r["raw"][k]) for r in rounds]
+        vs_mem = [_ratio(r["backupfs"][k], r["memfs"][k]) for r in rounds]
         ratios[k] = {"vs_raw": statistics.median(vs_raw), "vs_memfs": statistics.median(vs_mem),
                      "vs_memfs_min": min(vs_mem), "vs_memfs_max": max(vs_mem)}
     return medians, ratios
+
+
+def print_cpu_ceilings(medians: dict, size: int) -> None:
+    """What each target's work would reach if it kept every core busy: the bytes over
+    (busy CPU seconds / cores). A rate above a target's ceiling cannot come from
+    spreading the same work better, only from doing less of it."""
+    cores = os.cpu_count() or 1
+    print(f"CPU per GiB (the whole machine's busy seconds) and the ceiling that work "
+          f"allows on {cores} cores:")
+    for op in ("seq_write", "cold_read"):
+        parts = []
+        for t in ("raw", "memfs", "backupfs"):
+            cpu = medians[t][f"{op}_cpu_s"]
+            per_gib = cpu * 2**30 / size
+            ceiling = size / 1e6 / (cpu / cores) if cpu > 0 else float("inf")
+            parts.append(f"{t} {per_gib:.2f} s ({ceiling:.0f} MB/s)")
+        print(f"  {op:10} " + ", ".join(parts))
 
 
 def main() -> None:
@@ -254,7 +298,7 @@ def main() -> None:
                 results[name] = bench_target(root, data, args.files, source)
             rounds.append(results)
             print(f"round {n + 1}: measuring the FUSE channel alone ...", flush=True)
-            sink_MBps.append(seq_write_MBps(mnt_s / "big", data))
+            sink_MBps.append(seq_write(mnt_s / "big", data)[0])
             os.unlink(mnt_s / "big")
         subprocess.run(["sync"], check=True)
         stored = sum(f.stat().st_size for f in (store / "packs").rglob("*") if f.is_file())
@@ -292,6 +336,7 @@ def main() -> None:
     print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {channel:.0f} MB/s, "
           f"{channel / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "
           f"{medians['backupfs']['seq_write_MBps'] / channel:.2f}x of it")
+    print_cpu_ceilings(medians, size)
     print(f"backupfs packs on disk after the run: {stored / 1e6:.0f} MB (each round stores "
           f"{size / 1e6:.0f} MB of half-compressible data once, its rewrite dedups)")
     if args.json:
