@@ -3,6 +3,7 @@ And every command answers --help."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -159,3 +160,18 @@ def test_usage_errors_name_the_command():
     assert "Usage: backupfs delete" in r.stderr and "Missing argument" in r.stderr
     r = backupfs("no-such-command", check=False)
     assert r.returncode == 2 and "No such command" in r.stderr
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_umount_without_the_control_socket_still_stores_everything(mount_factory):
+    """umount asks the daemon to store what it holds before unmounting; when it cannot
+    ask (the socket is gone, or denied to the caller), unmounting still writes it all."""
+    m = mount_factory().start()
+    data = os.urandom(300_000)
+    (m.path / "unsynced").write_bytes(data)
+    (m.store / "control.sock").unlink()
+    m.stop()
+    m.start()
+    assert (m.path / "unsynced").read_bytes() == data
+    m.stop()

@@ -143,13 +143,15 @@ def umount_cmd(mountpoint, lazy, force):
         raise BackupfsError(f"{mountpoint}: not a backupfs mount")
     try:
         # Stored while still mounted, so a failure can leave the data where it is.
-        ControlClient(m.store).call("flush")
+        ControlClient(m.store, timeout=UMOUNT_WAIT).call("flush")
     except DaemonError as e:
-        if not force:
+        if e.errno is not None and not force:
             raise BackupfsError(f"{mountpoint}: not unmounted: {e}; free space on the "
                                 f"store's disk and try again, or --force to lose it") from None
-    except BackupfsError:
-        pass  # no access to the control socket: unmounting still writes everything back
+    except (BackupfsError, OSError):
+        # No access to the control socket, or no answer: unmounting still writes
+        # everything back, and the wait below reports a daemon that does not finish.
+        pass
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(m.mountpoint)]
     r = subprocess.run(args, capture_output=True, text=True)
     if r.returncode != 0:

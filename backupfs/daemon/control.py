@@ -117,7 +117,7 @@ class ControlServer:
             except OSError as e:
                 # A full disk or a failed writeback: the user's to fix, not a daemon bug.
                 log.warning("control %s: %s", op, e.strerror or e)
-                answer = {"ok": False, "error": e.strerror or str(e)}
+                answer = {"ok": False, "error": e.strerror or str(e), "errno": e.errno}
             except Exception as e:
                 log.exception("control request failed")
                 answer = {"ok": False, "error": f"internal error: {e}"}

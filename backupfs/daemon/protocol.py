@@ -19,7 +19,12 @@ MAX_LINE = 16 * 1024 * 1024
 
 
 class DaemonError(BackupfsError):
-    """The daemon answered a request with an error."""
+    """The daemon answered a request with an error; `errno` is set when storing or
+    writing back failed there (a full disk, say)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class NoDaemon(BackupfsError):
@@ -69,5 +74,5 @@ class ControlClient:
             s.close()
         answer = json.loads(buf)
         if not answer.get("ok"):
-            raise DaemonError(answer.get("error", "unknown error"))
+            raise DaemonError(answer.get("error", "unknown error"), answer.get("errno"))
         return answer.get("result")
