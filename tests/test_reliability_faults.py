@@ -151,7 +151,22 @@ def test_a_failed_writeback_is_reported_and_held_data_stops_umount(small_disk,
     error = one_line_error(backupfs("umount", m.path, check=False))
     assert error.startswith(f"backupfs: {m.path}: not unmounted: No space left on device"), error
     assert (m.path / "keep").read_bytes() == keep  # still mounted, still serving
+    assert (m.path / "tail").stat().st_size == 100_000
 
+    # A commit that cannot store the bytes records the size they would have made, not
+    # zeros: after a crash the file ends where its stored bytes do (here: empty).
+    assert "No space left on device" in one_line_error(backupfs("sync", m.path, check=False))
+    m.kill()
+    m.start()
+    assert (m.path / "tail").stat().st_size == 0
+    assert (m.path / "keep").read_bytes() == keep
+
+    # Likewise when umount is told to give them up.
+    ballast.unlink()
+    with open(m.path / "keep", "ab") as f:
+        f.write(b"appended, never stored")
+    write_back(m.path)
+    ballast = fill_disk(small_disk)
     m.stop("--force", daemon_exit=1)
     assert "unmounting: buffered data of 1 files could not be stored" in m.log()
     ballast.unlink()

@@ -175,6 +175,8 @@ class Daemon:
             dirty = sum(1 for b in ops.data.buffers.values() if b.dirty)
             unstored = f"buffered data of {dirty} files could not be stored ({e.strerror})"
             log.error("unmounting: %s; everything else is committed", unstored)
+            # Their sizes end where their stored bytes do, not at zeros.
+            ops.data.keep_stored_sizes()
         # Once sealing has failed at the end, trying again only fails again: the
         # metadata commits without it.
         while ops.ns.collect_garbage(GC_BUDGET):

@@ -14,12 +14,15 @@ its end, up to the file size, read as zeros. All-zero blocks are stored as holes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
 
+from ..errors import MissingBlock
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -302,6 +305,62 @@ class FileContents:
                 if bufs.gaps:
                     out[ino] = min(a for a, _, _ in bufs.gaps)
         return out
+
+    def stored_ends(self) -> dict[int, int]:
+        """{ino: where its stored bytes end}, for each file whose size runs past them:
+        its last bytes are buffered (new bytes a full disk would not take) with no
+        stored version under them. An overwritten block still has its old one."""
+        bs = self.block_size
+        live = self.ns.live
+        out = {}
+        for ino, bufs in self.buffers.items():
+            unstored = bufs.dirty.keys() | bufs.sealing.keys()
+            if not unstored:
+                continue
+            try:
+                size = live.getattr(ino).size
+            except OSError:
+                continue  # reclaimed
+            n = (size - 1) // bs
+            while n >= 0 and n in unstored and live.block_hash(ino, n) is None:
+                n -= 1
+            # The last block with a stored version may be an old, shorter one (a write
+            # appended to it).
+            end = 0 if n < 0 else n * bs + self._stored_len(live.block_hash(ino, n))
+            if end < size:
+                out[ino] = end
+        return out
+
+    def _stored_len(self, h: bytes | None) -> int:
+        """Bytes a block map entry holds: a hole (or a block gone missing) is a whole
+        block of zeros."""
+        if h is None:
+            return self.block_size
+        try:
+            return self.store.blocks.locate(h).raw_len
+        except MissingBlock:
+            return self.block_size
+
+    def keep_stored_sizes(self) -> dict[int, int]:
+        """Record each file's size as the end of its stored bytes, for good (the
+        buffered bytes past it are being given up); returns the sizes it replaced."""
+        replaced = {}
+        for ino, end in self.stored_ends().items():
+            replaced[ino] = self.ns.live.getattr(ino).size
+            self.ns.live.set_size_keeping_blocks(ino, end)
+        return replaced
+
+    @contextlib.contextmanager
+    def sizes_as_stored(self) -> Iterator[None]:
+        """Within: each file's recorded size ends where its stored bytes do, so a commit
+        made when the buffered bytes could not be stored (a full disk) never records a
+        size past its data; after it, the sizes are back (the bytes are retried)."""
+        replaced = self.keep_stored_sizes()
+        try:
+            yield
+        finally:
+            for ino, size in replaced.items():
+                self.ns.live.set_size_keeping_blocks(ino, size)
 
     def _is_zero(self, data: bytes) -> bool:
         # A compare with a zero block runs at memcmp speed; bytes.count(0) is a loop.

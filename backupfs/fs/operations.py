@@ -120,6 +120,7 @@ class BackupFS(pyfuse3.Operations):
         self.txg = txg or TransactionGroups(store)
         if self.txg.seal is None:
             self.txg.seal = self.data.flush_all
+            self.txg.sizes_as_stored = self.data.sizes_as_stored
         self.snapshots = SnapshotTree(namespace)
         self.gate = ChangeGate()
         self.block_size = store.config.block_size

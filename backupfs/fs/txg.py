@@ -9,6 +9,8 @@ bytes that are not on disk.
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 
 from ..store import Store
@@ -20,6 +22,8 @@ class TransactionGroups:
         # Awaited before every commit (the filesystem seals its dirty blocks there), so a
         # committed file size never outruns the file's data.
         self.seal = seal
+        # Entered around a commit whose seal failed: the filesystem's sizes as stored.
+        self.sizes_as_stored = contextlib.nullcontext
         self._lock = trio.Lock()
         self.commits = 0
 
@@ -29,7 +33,8 @@ class TransactionGroups:
 
     async def commit(self, seal: bool = True) -> None:
         """Seal (unless `seal` is False), sync the packs, commit. A seal that fails for
-        a full disk still commits the metadata, then raises its OSError."""
+        a full disk still commits the metadata (with file sizes as far as their bytes
+        are stored), then raises its OSError."""
         async with self._lock:
             failed = None
             if seal and self.seal is not None:
@@ -43,7 +48,8 @@ class TransactionGroups:
             if plan.files or plan.dirs:
                 await trio.to_thread.run_sync(plan.run)
             self.store.packs.record_synced(plan)
-            self.store.commit()
+            with self.sizes_as_stored() if failed is not None else contextlib.nullcontext():
+                self.store.commit()
             self.commits += 1
             if failed is not None:
                 raise failed
