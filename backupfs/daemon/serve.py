@@ -176,7 +176,7 @@ class Daemon:
             unstored = f"buffered data of {dirty} files could not be stored ({e.strerror})"
             log.error("unmounting: %s; everything else is committed", unstored)
             # Their sizes end where their stored bytes do, not at zeros.
-            ops.data.keep_stored_sizes()
+            ops.data.cut_sizes(ops.data.stored_ends())
         # Once sealing has failed at the end, trying again only fails again: the
         # metadata commits without it.
         while ops.ns.collect_garbage(GC_BUDGET):

@@ -341,26 +341,32 @@ class FileContents:
         except MissingBlock:
             return self.block_size
 
-    def keep_stored_sizes(self) -> dict[int, int]:
-        """Record each file's size as the end of its stored bytes, for good (the
-        buffered bytes past it are being given up); returns the sizes it replaced."""
+    def cut_sizes(self, ends: dict[int, int]) -> dict[int, int]:
+        """Record each file's size as at most ends[ino], keeping its blocks (growing it
+        back shows the same bytes); returns the sizes it replaced."""
         replaced = {}
-        for ino, end in self.stored_ends().items():
-            replaced[ino] = self.ns.live.getattr(ino).size
-            self.ns.live.set_size_keeping_blocks(ino, end)
+        for ino, end in ends.items():
+            size = self.ns.live.getattr(ino).size
+            if end < size:
+                self.ns.live.set_size_keeping_blocks(ino, end)
+                replaced[ino] = size
         return replaced
 
     @contextlib.contextmanager
-    def sizes_as_stored(self) -> Iterator[None]:
-        """Within: each file's recorded size ends where its stored bytes do, so a commit
-        made when the buffered bytes could not be stored (a full disk) never records a
-        size past its data; after it, the sizes are back (the bytes are retried)."""
-        replaced = self.keep_stored_sizes()
+    def sizes_cut_to(self, ends: dict[int, int]) -> Iterator[dict[int, int]]:
+        """Within: the sizes cut as `cut_sizes` does (for a commit or a snapshot to
+        record); after it, the sizes are back. Yields the sizes replaced."""
+        replaced = self.cut_sizes(ends)
         try:
-            yield
+            yield replaced
         finally:
             for ino, size in replaced.items():
                 self.ns.live.set_size_keeping_blocks(ino, size)
+
+    def sizes_as_stored(self):
+        """For a commit made when buffered bytes could not be stored (a full disk): it
+        never records a size past a file's stored data; the bytes are retried after."""
+        return self.sizes_cut_to(self.stored_ends())
 
     def _is_zero(self, data: bytes) -> bool:
         # A compare with a zero block runs at memcmp speed; bytes.count(0) is a loop.

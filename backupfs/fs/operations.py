@@ -690,19 +690,12 @@ class BackupFS(pyfuse3.Operations):
         holds data behind a hole that the kernel is still to fill."""
         async with self.gate.closed():
             await self.data.flush_all()
-            restore = {}
-            if torn_since is not None:
-                for ino, end in self.data.torn_ends(torn_since).items():
-                    attr = self.live.getattr(ino)
-                    if end < attr.size:
-                        self.live.set_size_keeping_blocks(ino, end)
-                        restore[ino] = attr.size
-            record = self.ns.snapshot(label=label, hold=hold)
-            if restore:
+            torn = self.data.torn_ends(torn_since) if torn_since is not None else {}
+            with self.data.sizes_cut_to(torn) as cut:
+                record = self.ns.snapshot(label=label, hold=hold)
+            if cut:
                 log.info("snapshot %s: %d files end where the kernel has yet to fill a gap",
-                         record.name, len(restore))
-            for ino, size in restore.items():
-                self.live.set_size_keeping_blocks(ino, size)
+                         record.name, len(cut))
             await self.txg.commit()
         self.snapshots.refresh()
         return record
