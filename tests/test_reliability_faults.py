@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import signal
 import subprocess
 from pathlib import Path
 
@@ -174,6 +175,28 @@ def test_a_failed_writeback_is_reported_and_held_data_stops_umount(small_disk,
     m.start()
     assert (m.path / "keep").read_bytes() == keep
     assert len(json.loads(backupfs("list", m.path, "--json").stdout)) == 2
+    m.stop()
+
+
+def test_sigterm_on_a_full_disk_ends_files_at_their_stored_bytes(small_disk,
+                                                                 small_disk_mount):
+    """What systemd's stop does once `backupfs umount` has refused: SIGTERM unmounts,
+    the daemon commits what it can, says what it lost, and exits 1."""
+    m = small_disk_mount(txg_interval=3600).start()
+    write_file(m.path / "keep", b"stored")
+    with open(m.path / "keep", "ab") as f:
+        f.write(b" and appended")
+    write_back(m.path)
+    ballast = fill_disk(small_disk)
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(timeout=60) == 1
+    m.kill()  # already gone: closes its log, detaches nothing
+    assert "unmounting: buffered data of 1 files could not be stored" in m.log()
+    m.check_log()
+    ballast.unlink()
+    fsck_clean(m.store)
+    m.start()
+    assert (m.path / "keep").read_bytes() == b"stored"
     m.stop()
 
 
