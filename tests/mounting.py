@@ -9,6 +9,7 @@ kill the daemon if it is still there; fail when the daemon log holds a traceback
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,19 @@ def backupfs(*args, check: bool = True, timeout: float = 120, **kw) -> subproces
         raise AssertionError(f"backupfs {' '.join(map(str, args))} exited {r.returncode}:\n"
                              f"{r.stdout}{r.stderr}")
     return r
+
+
+def fails_with(*args, match: str, code: int = 1) -> str:
+    """Run the CLI, expect a one-line error matching `match`; returns that line."""
+    r = backupfs(*args, check=False, timeout=60)
+    assert r.returncode == code, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"not one line:\n{r.stderr}"
+    assert lines[0].startswith("backupfs: "), lines[0]
+    assert re.search(match, lines[0]), lines[0]
+    assert r.stdout == ""
+    return lines[0]
 
 
 def drop_page_cache() -> None:

@@ -10,20 +10,7 @@ import sys
 
 import pytest
 
-from mounting import backupfs
-
-
-def fails_with(*args, match: str, code: int = 1) -> str:
-    """Run the CLI, expect a one-line error matching `match`; returns that line."""
-    r = backupfs(*args, check=False, timeout=60)
-    assert r.returncode == code, f"exit {r.returncode}: {r.stdout}{r.stderr}"
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, f"not one line:\n{r.stderr}"
-    assert lines[0].startswith("backupfs: "), lines[0]
-    assert re.search(match, lines[0]), lines[0]
-    assert r.stdout == ""
-    return lines[0]
+from mounting import backupfs, fails_with
 
 
 @pytest.fixture
