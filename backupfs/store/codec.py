@@ -71,9 +71,10 @@ class EncodedBlock:
         return header, self.payload
 
 
-def encode(data: bytes, compression: Compression, digest: bytes | None = None) -> EncodedBlock:
+def encode(data: bytes | memoryview, compression: Compression, digest: bytes | None = None) -> EncodedBlock:
     """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it."""
-    data = bytes(data)
+    if not isinstance(data, (bytes, memoryview)):
+        data = bytes(data)  # a bytearray could change under a raw payload
     h = digest if digest is not None else block_hash(data)
     if compression.codec == "zstd" and data:
         packed = _compressor(compression.level).compress(data)
