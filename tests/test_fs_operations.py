@@ -85,6 +85,68 @@ async def test_truncate_to_partial_block_then_grow_reads_zeros(fs):
     assert got == b"a" * 100 + bytes(2 * BS - 100)
 
 
+async def test_a_big_truncate_serves_other_requests_and_commits_whole(fs, monkeypatch):
+    """A truncate releases a big file's stored blocks in chunks, serving other requests
+    between them; a write to the same file waits for its end, and so does a commit,
+    which therefore never records a truncate half done."""
+    import trio
+    from backupfs.fs import filedata
+
+    monkeypatch.setattr(filedata, "DROP_CHUNK", 4)
+    fh, ino = await new_file(fs, b"big")
+    data = os.urandom(40 * BS)
+    await fs.write(fh, 0, data)
+    await fs.fsync(fh, False)
+    other_fh, _ = await new_file(fs, b"other")
+    await fs.write(other_fh, 0, b"small")
+    await fs.fsync(other_fh, False)
+    events = []
+    drop = fs.live.drop_blocks_from
+
+    def counted_drop(*args):
+        n = drop(*args)
+        events.append(("chunk", n))
+        return n
+
+    monkeypatch.setattr(fs.live, "drop_blocks_from", counted_drop)
+
+    async def truncate():
+        attr = pyfuse3.EntryAttributes()
+        attr.st_size = BS  # on a block boundary: nothing to seal, a commit goes straight on
+        await fs.setattr(ino, attr, fields(update_size=True), fh, CTX)
+        events.append("truncated")
+
+    async def read_other():
+        assert await fs.read(other_fh, 0, 10) == b"small"
+        events.append("other file read")
+
+    async def write_same():
+        assert await fs.write(fh, 2 * BS, b"new") == 3
+        events.append("wrote")
+
+    async def commit():
+        await fs.txg.commit()
+        events.append("committed")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(truncate)
+            while not events:
+                await trio.lowlevel.checkpoint()
+            assert "truncated" not in events  # under way
+            assert (await fs.getattr(ino)).st_size == BS  # the new size shows at once
+            for task in (read_other, write_same, commit):
+                nursery.start_soon(task)
+    chunks = [e for e in events if isinstance(e, tuple)]
+    assert [n for _, n in chunks] == [4] * 9 + [3]
+    done = events.index("truncated")
+    assert events.index("other file read") < done
+    assert events.index("wrote") > done and events.index("committed") > done
+    assert await fs.read(fh, 0, 3 * BS) == data[:BS] + bytes(BS) + b"new"
+    await fs.fsync(fh, False)
+    assert [n for n, _ in fs.live.block_range(ino)] == [0, 2]
+
+
 async def test_snapshot_is_frozen_and_read_only(fs):
     fh, ino = await new_file(fs, b"doc")
     await fs.write(fh, 0, b"version 1")

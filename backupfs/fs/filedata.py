@@ -24,6 +24,7 @@ import trio
 
 from ..errors import MissingBlock
 from ..store import Store
+from .gate import ChangeGate
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ SEAL_AHEAD = 64 * 1024 * 1024
 # many are remembered per file.
 MAX_TORN_GAP = 2 * 1024 * 1024
 MAX_GAPS = 64
+# A truncate releases a big file's stored blocks this many at a time, serving other
+# requests in between: each costs ~20 us here, so a 100 GiB file's 819,200 blocks of 128
+# KiB took ~16 s in one piece, with every client of the mount waiting.
+DROP_CHUNK = 4096
 
 
 @dataclass(eq=False)
@@ -69,6 +74,13 @@ class FileContents:
         self._sealers = 0
         self._work = trio.Event()  # set when _full gains blocks
         self._progress = trio.Event()  # set (and replaced) when a sealer finishes a batch
+        # A truncate has a file to itself: writes to it wait (see truncate).
+        self._truncating: dict[int, trio.Event] = {}  # ino -> set when its truncate ends
+        self._writing: dict[int, int] = {}  # ino -> writes under way
+        self._writes_ended = trio.Event()  # set (and replaced) when a file's last one ends
+        # Entered by every truncate that releases stored blocks in chunks; a commit
+        # closes it (TransactionGroups.hold_still), so none is ever committed half done.
+        self.drop_gate = ChangeGate()
 
     # -- reading ---------------------------------------------------------------------
 
@@ -170,6 +182,19 @@ class FileContents:
         kernel's writeback cache the kernel keeps them and sends them in a setattr)."""
         if not data:
             return 0  # no bytes, no other effect either (not even on the size)
+        while ino in self._truncating:
+            await self._truncating[ino].wait()
+        self._writing[ino] = self._writing.get(ino, 0) + 1
+        try:
+            return await self._write(ino, offset, data, now_ns)
+        finally:
+            self._writing[ino] -= 1
+            if not self._writing[ino]:
+                del self._writing[ino]
+                self._writes_ended.set()
+                self._writes_ended = trio.Event()
+
+    async def _write(self, ino: int, offset: int, data: bytes, now_ns: int | None) -> int:
         if self.store.packs.free_bytes() < self.dirty_bytes + len(data):
             # Near a full disk, refuse a write we may not be able to store (as ext4
             # reserves blocks at write time), rather than buffer it and fail only at the
@@ -464,8 +489,48 @@ class FileContents:
             self.ns.live.write_blocks(ino, blocks)
 
     async def truncate(self, ino: int, new_size: int) -> None:
+        """Cut a file's contents at `new_size`: its buffered bytes and stored blocks past
+        it, and the bytes past it in the block that now holds its end. The caller then
+        sets the size (and times).
+
+        A file's truncates run one at a time and never beside a write to it, because
+        the stored blocks of a big file are released in chunks (DROP_CHUNK), serving
+        other requests between them: a write let in meanwhile could have a block it
+        stored released, or show a block not yet released past the old end."""
+        while ino in self._truncating:
+            await self._truncating[ino].wait()
+        done = self._truncating[ino] = trio.Event()
+        try:
+            while self._writing.get(ino):
+                await self._writes_ended.wait()
+            await self._truncate_buffers(ino, new_size)
+            await self._drop_stored_past(ino, new_size)
+        finally:
+            del self._truncating[ino]
+            done.set()
+
+    async def _drop_stored_past(self, ino: int, new_size: int) -> None:
+        """Release the stored blocks past `new_size`, a chunk at a time. Readers see the
+        new size at once (and so never the blocks still to go); a commit waits for the
+        last chunk (drop_gate), so a crash keeps the old file or the new, never a mix."""
+        live = self.ns.live
+        first = -(-new_size // self.block_size)
+        if new_size >= live.getattr(ino).size or next(live.block_range(ino, first), None) is None:
+            return
+        async with self.drop_gate.changing():
+            # Shielded: once begun it ends, or a block past the end would stay stored
+            # and show again if the file grew back (an unmount waits for it).
+            with trio.CancelScope(shield=True):
+                live.set_size_keeping_blocks(ino, new_size)
+                try:
+                    while live.drop_blocks_from(ino, first, DROP_CHUNK) == DROP_CHUNK:
+                        await trio.sleep(0)
+                except OSError:
+                    pass  # unlinked and reclaimed meanwhile: its garbage collection ends it
+
+    async def _truncate_buffers(self, ino: int, new_size: int) -> None:
         """Drop buffered bytes past `new_size`, and make sure the block that now holds
-        the end of the file keeps no bytes beyond it. The caller then sets the size."""
+        the end of the file keeps no bytes beyond it."""
         bs = self.block_size
         bufs = self._bufs(ino)
         bufs.gaps = [[a, min(b, new_size), k] for a, b, k in bufs.gaps if a < new_size]

@@ -121,6 +121,7 @@ class BackupFS(pyfuse3.Operations):
         if self.txg.seal is None:
             self.txg.seal = self.data.flush_all
             self.txg.sizes_as_stored = self.data.sizes_as_stored
+            self.txg.hold_still = self.data.drop_gate.closed
         self.snapshots = SnapshotTree(namespace)
         self.gate = ChangeGate()
         self.block_size = store.config.block_size

@@ -24,12 +24,18 @@ class TransactionGroups:
         self.seal = seal
         # Entered around a commit whose seal failed: the filesystem's sizes as stored.
         self.sizes_as_stored = contextlib.nullcontext
+        # Entered (async) around every commit of the store: the filesystem holds back
+        # changes made in several steps with requests served between them (a big
+        # truncate), so that none is committed half done.
+        self.hold_still = contextlib.nullcontext
         self._lock = trio.Lock()
         self.commits = 0
 
-    def exclusive(self) -> trio.Lock:
+    @contextlib.asynccontextmanager
+    async def exclusive(self):
         """Held while something else commits the store itself (compaction)."""
-        return self._lock
+        async with self._lock, self.hold_still():
+            yield
 
     async def commit(self, seal: bool = True) -> None:
         """Seal (unless `seal` is False), sync the packs, commit. A seal that fails for
@@ -44,12 +50,13 @@ class TransactionGroups:
                     # A full disk: the bytes stay buffered (and are retried), but the
                     # metadata, deletes that free space above all, must still commit.
                     failed = e
-            plan = self.store.packs.plan_sync()
-            if plan.files or plan.dirs:
-                await trio.to_thread.run_sync(plan.run)
-            self.store.packs.record_synced(plan)
-            with self.sizes_as_stored() if failed is not None else contextlib.nullcontext():
-                self.store.commit()
+            async with self.hold_still():
+                plan = self.store.packs.plan_sync()
+                if plan.files or plan.dirs:
+                    await trio.to_thread.run_sync(plan.run)
+                self.store.packs.record_synced(plan)
+                with self.sizes_as_stored() if failed is not None else contextlib.nullcontext():
+                    self.store.commit()
             self.commits += 1
             if failed is not None:
                 raise failed

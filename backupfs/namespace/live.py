@@ -8,6 +8,7 @@ EINVAL for a directory moved into itself); permission checks are the kernel's.
 from __future__ import annotations
 
 import errno
+import itertools
 import stat
 
 from . import records as rec
@@ -236,8 +237,8 @@ class LiveView(NamespaceView):
         attr = self.getattr(ino)
         new_size = changes.get("size")
         if new_size is not None and new_size < attr.size:
-            dropped = self._drop_blocks_from(ino, -(-new_size // self.ns.block_size))
-            attr = attr.changed(stored_blocks=attr.stored_blocks - dropped)
+            if self.drop_blocks_from(ino, -(-new_size // self.ns.block_size)):
+                attr = self.getattr(ino)
         return self._put(attr.changed(**changes))
 
     def set_size_keeping_blocks(self, ino: int, size: int) -> Attr:
@@ -246,10 +247,17 @@ class LiveView(NamespaceView):
         For the filesystem's snapshot of a file the kernel has yet to finish writing."""
         return self._put(self.getattr(ino).changed(size=size))
 
-    def _drop_blocks_from(self, ino: int, first: int) -> int:
-        prefixes = [rec.block_prefix(ino, n) for n, _ in self.block_range(ino, first)]
+    def drop_blocks_from(self, ino: int, first: int, limit: int | None = None) -> int:
+        """Release the block map entries of a file from block `first` on, at most
+        `limit` of them; returns how many. The size is the caller's to set (the
+        filesystem drops a big file's blocks a chunk at a time, see FileContents)."""
+        prefixes = [rec.block_prefix(ino, n)
+                    for n, _ in itertools.islice(self.block_range(ino, first), limit)]
         for prefix in prefixes:
             self.ns.blockmap.write(prefix, None)
+        if prefixes:
+            attr = self.getattr(ino)
+            self._put(attr.changed(stored_blocks=attr.stored_blocks - len(prefixes)))
         return len(prefixes)
 
     def write_block(self, ino: int, n: int, block_hash: bytes | None) -> None:
