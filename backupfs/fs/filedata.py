@@ -515,8 +515,10 @@ class FileContents:
         last chunk (drop_gate), so a crash keeps the old file or the new, never a mix."""
         live = self.ns.live
         first = -(-new_size // self.block_size)
-        if new_size >= live.getattr(ino).size or next(live.block_range(ino, first), None) is None:
+        if new_size >= live.getattr(ino).size:
             return
+        if next(live.block_range(ino, first), None) is None:
+            return  # nothing stored past the new end
         async with self.drop_gate.changing():
             # Shielded: once begun it ends, or a block past the end would stay stored
             # and show again if the file grew back (an unmount waits for it).

@@ -55,7 +55,8 @@ class TransactionGroups:
                 if plan.files or plan.dirs:
                     await trio.to_thread.run_sync(plan.run)
                 self.store.packs.record_synced(plan)
-                with self.sizes_as_stored() if failed is not None else contextlib.nullcontext():
+                cut = self.sizes_as_stored if failed is not None else contextlib.nullcontext
+                with cut():
                     self.store.commit()
             self.commits += 1
             if failed is not None:

@@ -71,9 +71,11 @@ class EncodedBlock:
         return header, self.payload
 
 
-def encode(data: bytes | memoryview, compression: Compression, digest: bytes | None = None) -> EncodedBlock:
-    """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it."""
-    if not isinstance(data, (bytes, memoryview)):
+def encode(data: bytes | memoryview, compression: Compression,
+           digest: bytes | None = None) -> EncodedBlock:
+    """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it.
+    Bytes or a read-only view are used as they are (a raw payload is the view itself)."""
+    if not (isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)):
         data = bytes(data)  # a bytearray could change under a raw payload
     h = digest if digest is not None else block_hash(data)
     if compression.codec == "zstd" and data:
