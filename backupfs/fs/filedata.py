@@ -37,8 +37,8 @@ SEAL_AHEAD = 64 * 1024 * 1024
 MAX_TORN_GAP = 2 * 1024 * 1024
 MAX_GAPS = 64
 # A truncate releases a big file's stored blocks this many at a time, serving other
-# requests in between: each costs ~20 us here, so a 100 GiB file's 819,200 blocks of 128
-# KiB took ~16 s in one piece, with every client of the mount waiting.
+# requests in between: each costs ~20 us here (1.96 s measured for 100,000), so a 100 GiB
+# file's 819,200 blocks of 128 KiB would take ~16 s in one piece, every client waiting.
 DROP_CHUNK = 4096
 
 
