@@ -182,8 +182,7 @@ class FileContents:
         kernel's writeback cache the kernel keeps them and sends them in a setattr)."""
         if not data:
             return 0  # no bytes, no other effect either (not even on the size)
-        while ino in self._truncating:
-            await self._truncating[ino].wait()
+        await self._truncate_ended(ino)
         self._writing[ino] = self._writing.get(ino, 0) + 1
         try:
             return await self._write(ino, offset, data, now_ns)
@@ -497,8 +496,7 @@ class FileContents:
         the stored blocks of a big file are released in chunks (DROP_CHUNK), serving
         other requests between them: a write let in meanwhile could have a block it
         stored released, or show a block not yet released past the old end."""
-        while ino in self._truncating:
-            await self._truncating[ino].wait()
+        await self._truncate_ended(ino)
         done = self._truncating[ino] = trio.Event()
         try:
             while self._writing.get(ino):
@@ -508,6 +506,11 @@ class FileContents:
         finally:
             del self._truncating[ino]
             done.set()
+
+    async def _truncate_ended(self, ino: int) -> None:
+        """Return once no truncate of the file is under way."""
+        while ino in self._truncating:
+            await self._truncating[ino].wait()
 
     async def _drop_stored_past(self, ino: int, new_size: int) -> None:
         """Release the stored blocks past `new_size`, a chunk at a time. Readers see the
