@@ -13,8 +13,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 BACKUPFS = [sys.executable, "-m", "backupfs"]
 MOUNT_TIMEOUT = 30.0
@@ -42,6 +45,39 @@ def fails_with(*args, match: str, code: int = 1) -> str:
     assert re.search(match, lines[0]), lines[0]
     assert r.stdout == ""
     return lines[0]
+
+
+def assert_fsck_clean(store: Path) -> None:
+    r = backupfs("fsck", store, "--json", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@contextmanager
+def answer_times(path: Path) -> Iterator[list[float]]:
+    """While the body runs, a thread asks the daemon for `path`'s xattr names over and
+    over (the kernel keeps no xattrs, so each goes to the daemon); yields the list of
+    times the answers came, filled as they come."""
+    answers: list[float] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            os.listxattr(path)
+            answers.append(time.monotonic())
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        time.sleep(0.2)
+        yield answers
+    finally:
+        stop.set()
+        asker.join(30)
+
+
+def longest_wait(answers: list[float], start: float, end: float) -> float:
+    """The longest time between two answers, of those around [start, end]."""
+    return max(b - a for a, b in zip(answers, answers[1:]) if b > start and a < end)
 
 
 def drop_page_cache() -> None:

@@ -15,7 +15,9 @@ import pytest
 from backupfs.fs import BackupFS
 from backupfs.fs import inodes
 from backupfs.namespace import Namespace
+from backupfs.namespace.check import check_versions
 from backupfs.store import Store
+from backupfs.store.codec import block_hash
 
 BS = 4096  # small blocks make boundaries cheap to test
 ROOT = pyfuse3.ROOT_INODE
@@ -145,6 +147,70 @@ async def test_a_big_truncate_serves_other_requests_and_commits_whole(fs, monkey
     assert await fs.read(fh, 0, 3 * BS) == data[:BS] + bytes(BS) + b"new"
     await fs.fsync(fh, False)
     assert [n for n, _ in fs.live.block_range(ino)] == [0, 2]
+
+
+async def test_snapshot_deletions_free_in_chunks_one_at_a_time(fs, monkeypatch):
+    """Deleting a snapshot frees what only it saw a chunk at a time, serving requests
+    between chunks. A second deletion waits for the first; a file of its snapshot that
+    the kernel still knew and opened meanwhile makes it wait for that file's release."""
+    import trio
+    from backupfs.fs import operations
+    from backupfs.namespace.deletion import SnapshotDeletion
+
+    monkeypatch.setattr(operations, "DELETE_CHUNK", 2)
+    fh, ino = await new_file(fs, b"doc")
+    versions = [os.urandom(8 * BS) for _ in range(3)]
+    await fs.write(fh, 0, versions[0])
+    first = await fs.take_snapshot(label="first")
+    await fs.write(fh, 0, versions[1])
+    second = await fs.take_snapshot(label="second")
+    await fs.write(fh, 0, versions[2])  # each snapshot alone sees its 8 blocks
+    await fs.fsync(fh, False)
+    root = await fs.lookup(inodes.SNAPSHOTS_DIR_INO, second.name.encode(), CTX)
+    doc = await fs.lookup(root.st_ino, b"doc", CTX)  # what the kernel may keep
+    events = []
+    free_some = SnapshotDeletion.free_some
+
+    def counted(deletion, budget=None):
+        done = free_some(deletion, budget)
+        events.append(("chunk", deletion.record.label, done))
+        return done
+
+    monkeypatch.setattr(SnapshotDeletion, "free_some", counted)
+
+    async def delete(record):
+        await fs.delete_snapshot(record)
+        events.append(("deleted", record.label))
+
+    async def read_live():
+        assert await fs.read(fh, 0, 8 * BS) == versions[2]
+        events.append("live read")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delete, first)
+            while not events:
+                await trio.lowlevel.checkpoint()
+            nursery.start_soon(delete, second)
+            nursery.start_soon(read_live)
+            await trio.lowlevel.checkpoint()
+            sfh = (await fs.open(doc.st_ino, os.O_RDONLY, CTX)).fh
+            events.append("opened second")
+    chunks = [e for e in events if e[0] == "chunk"]
+    assert chunks and all(label == "first" for _, label, _ in chunks)
+    assert [done for _, _, done in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert len(chunks) >= 4  # 8 block map versions and the inode's, 2 at a time
+    assert events.index("live read") < events.index(chunks[-1])
+    assert events.index(("deleted", "first")) < events.index(("deleted", "second"))
+    assert [r.label for r in fs.ns.catalog.records] == ["second"]  # hidden, not freed
+    assert fs.snapshots.records == [] and fs.ns.catalog.records[0].deleting
+    assert await fs.read(sfh, 0, 8 * BS) == versions[1]  # the open file reads on
+    await fs.release(sfh)
+    assert fs.ns.catalog.records == []
+    assert events[-1] == ("chunk", "second", True)
+    report = check_versions(fs.ns)
+    assert not report.issues and report.block_refs == {
+        h: 1 for h in {block_hash(versions[2][i:i + BS]) for i in range(0, 8 * BS, BS)}}
 
 
 async def test_snapshot_is_frozen_and_read_only(fs):

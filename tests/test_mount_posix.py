@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mounting import Mount, backupfs
+from mounting import Mount, answer_times, assert_fsck_clean, longest_wait
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
 
@@ -235,33 +235,18 @@ def test_a_big_truncate_leaves_the_mount_answering(mount_factory):
         for _ in range(256):
             f.write(chunk)
         os.fsync(f.fileno())
-    answers: list[float] = []
-    stop = threading.Event()
-
-    def ask() -> None:  # listxattr always reaches the daemon (the kernel keeps no xattrs)
-        while not stop.is_set():
-            os.listxattr(other)
-            answers.append(time.monotonic())
-
-    asker = threading.Thread(target=ask)
-    asker.start()
-    try:
-        time.sleep(0.2)
+    with answer_times(other) as answers:
         start = time.monotonic()
         os.truncate(big, 4096)
         end = time.monotonic()
-    finally:
-        stop.set()
-        asker.join(30)
     assert end - start > 0.5, "too quick to tell: give the file more blocks"
     # The longest wait for an answer while the truncate ran: one chunk of the release,
     # not the whole of it (in one piece it was ~1.1 s of a 1.4 s truncate).
-    longest = max(b - a for a, b in zip(answers, answers[1:]) if b > start and a < end)
+    longest = longest_wait(answers, start, end)
     assert longest < 0.4 * (end - start), (longest, end - start)
     assert big.stat().st_size == 4096 and big.read_bytes() == chunk[:4096]
     m.stop()
-    r = backupfs("fsck", m.store, "--json", check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_fsck_clean(m.store)
 
 
 def test_truncate_then_write_same_open(d):

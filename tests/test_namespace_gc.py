@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from backupfs.namespace import ROOT_INO, Namespace
 from backupfs.store import Store
+from backupfs.store.codec import block_hash
 from nsmodel import check_versions_exact
 
 BS = 4096
@@ -151,6 +152,40 @@ def test_a_name_removed_twice_across_snapshots_leaves_no_tombstone(ns):
     assert live.child(ROOT_INO, b"a") is None
     names = [k for k, _ in ns.store.txn.cursor(db=ns.entries.db)]
     assert len(names) == 1  # "b" alone: nothing is left of "a"
+
+
+def test_a_deletion_in_pieces_frees_what_writes_between_the_pieces_kill(ns):
+    """A snapshot freed a piece at a time, while the live tree goes on changing: a
+    version only it saw, killed after the walk has passed the key its deadlist entry
+    would have, must still be freed, and the snapshots left must read as before."""
+    live, blocks = ns.live, ns.store.blocks
+    inos = []
+    for i in range(6):
+        ino = live.create(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0, 1).ino
+        live.write_block(ino, 0, blocks.put(b"old %d" % i))
+        live.setattr(ino, size=5)
+        inos.append(ino)
+    keep = ns.snapshot(now_ns=2 * 10**9)
+    kept_view = read_files(ns.view(keep.epoch))
+    for ino in inos:  # born after `keep`: seen by `doomed` alone once killed
+        live.write_block(ino, 0, blocks.put(b"mid %d" % ino))
+    doomed = ns.snapshot(now_ns=3 * 10**9)
+    for ino in inos[3:]:
+        live.write_block(ino, 0, blocks.put(b"new %d" % ino))
+    deletion = ns.start_deleting(doomed.id)
+    assert not deletion.free_some(1)
+    assert [r.id for r in ns.snapshots()] == [keep.id]
+    for ino in inos[:3]:  # their deadlist keys would sort before where the walk is
+        live.write_block(ino, 0, blocks.put(b"late %d" % ino))
+    ns.snapshot(now_ns=4 * 10**9)  # taken mid-deletion: it sees only the live tree
+    while not deletion.free_some(1):
+        check_versions_exact(ns)
+    assert deletion.freed == 3   # the three killed before it started; the others at once
+    assert read_files(ns.view(keep.epoch)) == kept_view
+    refs = check_versions_exact(ns)
+    for loc in blocks.iter_locations():
+        assert loc.refcount == refs.get(loc.hash, 0)
+    assert not any(refs.get(block_hash(b"mid %d" % ino)) for ino in inos)
 
 
 def test_snapshot_is_one_small_write_whatever_the_tree_size(ns):

@@ -1,7 +1,8 @@
 """The namespace against a plain in-memory model (hypothesis stateful testing).
 
 Random creates, links, unlinks, rmdirs, renames (all flags), block writes, truncates,
-xattrs, snapshots (held or not) and snapshot deletions, commits and garbage collection.
+xattrs, snapshots (held or not) and snapshot deletions (whole, or in pieces with other
+steps between them), commits and garbage collection.
 After every step the live view and every remaining snapshot view must equal the model's
 tree at that moment, every stored version must be visible to someone (GC exactness), and
 every block's refcount must equal the versions that refer to it. At the end, deleting all
@@ -47,6 +48,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         self.snaps: list[tuple[object, Model]] = []   # (record, frozen model)
         self.orphans: set[int] = set()
         self.clock = 1_000_000_000
+        self.deletion = None   # a snapshot deletion under way, freed in pieces
 
     def now(self) -> int:
         self.clock += 1
@@ -257,19 +259,34 @@ class NamespaceMachine(RuleBasedStateMachine):
         assert record.label == label and record.hold == hold
         self.snaps.append((record, self.model.copy()))
 
-    @precondition(lambda self: self.snaps)
-    @rule(data=st.data(), release_first=st.booleans())
-    def delete_snapshot(self, data, release_first):
+    @precondition(lambda self: self.snaps and self.deletion is None)
+    @rule(data=st.data(), release_first=st.booleans(), in_pieces=st.booleans())
+    def delete_snapshot(self, data, release_first, in_pieces):
+        """Whole, or started here and freed a piece at a time by `free_some` below, with
+        any other rules run between the pieces."""
         i = data.draw(st.integers(0, len(self.snaps) - 1))
         record, _ = self.snaps[i]
         if record.hold and release_first:
             record = self.ns.set_hold(record.id, False)
+        delete = self.ns.start_deleting if in_pieces else self.ns.delete_snapshot
         if record.hold:
             with pytest.raises(SnapshotHeld):
-                self.ns.delete_snapshot(record.id)
+                delete(record.id)
             return
-        self.ns.delete_snapshot(record.id)
+        deletion = delete(record.id)
+        if in_pieces:
+            self.deletion = deletion
         del self.snaps[i]
+
+    @precondition(lambda self: self.deletion is not None)
+    @rule(budget=st.integers(1, 3))
+    def free_some(self, budget):
+        snap_id = self.deletion.record.id
+        if self.deletion.free_some(budget):
+            self.deletion = None
+            assert snap_id not in {r.id for r in self.ns.catalog.records}
+        else:
+            assert self.ns.catalog.get(snap_id).deleting
 
     @precondition(lambda self: self.orphans)
     @rule()
@@ -320,6 +337,8 @@ class NamespaceMachine(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _delete_everything(self):
+        if self.deletion is not None:
+            self.deletion.free_some()
         for record in self.ns.snapshots():
             if record.hold:
                 self.ns.set_hold(record.id, False)

@@ -147,10 +147,6 @@ class Daemon:
         # Inodes unlinked while open when the last daemon stopped: nothing holds them now.
         for ino in ops.ns.orphans():
             ops.ns.reclaim(ino)
-        # Likewise snapshots deleted while open: nothing reads them now.
-        for record in ops.ns.deleting_snapshots():
-            ops.ns.delete_snapshot(record.id)
-            log.info("snapshot %s deleted (its deletion was pending)", record.name)
         schedule = self.schedule
         # Under the receiver of _signals while it runs, and what it restores (and hands a
         # signal still pending to) when it stops.
@@ -165,9 +161,11 @@ class Daemon:
                 nursery.start_soon(self._scheduler, schedule)
             nursery.start_soon(self._raise_read_ahead)
             nursery.start_soon(ops.data.run_sealers)
+            # Snapshots deleted while open, or whose deletion a crash cut short.
+            nursery.start_soon(ops.finish_deletes)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
-        await ops.finish_deletes()
+        await ops.finish_deletes(unmounted=True)
         unstored = None
         try:
             await ops.flush_everything()

@@ -49,6 +49,10 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # asks every file for both, and stops asking a filesystem once it says EOPNOTSUPP, which
 # saves two round trips per file listed.
 UNSUPPORTED_XATTRS = ACL_XATTRS + (b"security.selinux",)
+# Deadlist entries a snapshot deletion looks at before it lets other requests in. Freeing
+# one costs ~21 us here (a changed file leaves two: its inode and its block), so a chunk
+# holds other requests up ~80 ms; 100,000 changed files took 4.2 s in all.
+DELETE_CHUNK = 4096
 
 
 class BoundedSet(set):
@@ -133,6 +137,7 @@ class BackupFS(pyfuse3.Operations):
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._no_xattrs = BoundedSet(65536)  # live inodes known to have no xattrs
+        self._one_deletion = trio.Lock()  # the namespace frees one snapshot at a time
         self.mounted_at = time.time_ns()
 
     # -- helpers ---------------------------------------------------------------------
@@ -709,27 +714,39 @@ class BackupFS(pyfuse3.Operations):
         return self.snapshots.find(name)
 
     async def delete_snapshot(self, record) -> None:
-        """Delete a snapshot. It disappears at once; if files or directories in it are
-        open, its contents go when the last of them is closed (they read on till then)."""
+        """Delete a snapshot. It disappears at once, for good (a crash leaves the next
+        mount to finish); what only it sees is freed now, or, if files or directories
+        in it are open, when the last of them is closed (they read on till then)."""
         if record.hold:
             raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
-        slot = self.snapshots.slot(record.id)
-        if slot is not None and self.slot_handles.get(slot):
-            # Durable at once: after a crash the next mount finishes the deletion.
-            self.ns.mark_deleting(record.id)
+        record = self.ns.mark_deleting(record.id)
+        self.snapshots.hide(record)
+        if not await self._delete_now(record):
             await self.txg.commit()
-            self.snapshots.hide(record)
             log.info("snapshot %s is open: deleting it once closed", record.name)
-        else:
-            await self._delete_now(record)
         await self._forget_entry(record.name.encode())
         if not self.snapshots.records:
             await self._forget_entry(inodes.LATEST_NAME)
 
-    async def _delete_now(self, record) -> None:
-        self.ns.delete_snapshot(record.id)
-        await self.txg.commit()
-        self.snapshots.refresh()
+    async def _delete_now(self, record) -> bool:
+        """Free what only this snapshot sees, unless something in it is open; False if
+        so. The freeing looks at DELETE_CHUNK deadlist entries at a time and serves
+        requests in between, then commits. Shielded: a deletion left half done would
+        keep its epoch out of the reckoning of versions (see namespace/deletion.py)."""
+        with trio.CancelScope(shield=True):
+            async with self._one_deletion:
+                if record.id not in {r.id for r in self.ns.catalog.records}:
+                    return True  # deleted by another request while this one waited
+                slot = self.snapshots.slot(record.id)
+                if slot is not None and self.slot_handles.get(slot):
+                    return False  # freed when the last is closed (_slot_closed)
+                deletion = self.ns.start_deleting(record.id)
+                self.snapshots.refresh()
+                while not deletion.free_some(DELETE_CHUNK):
+                    await trio.sleep(0)
+                await self.txg.commit()
+                self.snapshots.refresh()
+                return True
 
     async def _slot_closed(self, slot: int) -> None:
         left = self.slot_handles[slot] - 1
@@ -741,14 +758,19 @@ class BackupFS(pyfuse3.Operations):
         if record is None:
             for r in self.snapshots.hidden.values():
                 if self.snapshots.slot(r.id) == slot:
-                    await self._delete_now(r)
-                    log.info("snapshot %s closed and deleted", r.name)
+                    if await self._delete_now(r):
+                        log.info("snapshot %s closed and deleted", r.name)
                     break
 
-    async def finish_deletes(self) -> None:
-        """Delete for real the snapshots still open (at unmount: nothing reads them now)."""
-        for r in list(self.snapshots.hidden.values()):
-            await self._delete_now(r)
+    async def finish_deletes(self, unmounted: bool = False) -> None:
+        """Delete for real the snapshots deleted while open: when a mount starts (after
+        a crash, or a stop with them open) and once `unmounted`, when the kernel has let
+        go of every file."""
+        if unmounted:
+            self.slot_handles.clear()
+        for r in self.ns.deleting_snapshots():
+            if await self._delete_now(r):
+                log.info("snapshot %s deleted (its deletion was pending)", r.name)
 
     async def _forget_entry(self, name: bytes) -> None:
         """Make the kernel forget /snapshots/NAME before the caller is answered."""

@@ -29,8 +29,9 @@ class SnapshotRecord:
     created_ns: int
     epoch: int       # the epoch it froze: it sees every version born at or before it
     hold: bool = False
-    # Deleted while files in it were open: gone for users, freed once closed or, after a
-    # crash, when the store is next mounted.
+    # Deleted, gone for users, its versions not all freed yet: files in it are open (freed
+    # once closed), or the freeing is under way (it commits in pieces); after a crash,
+    # the next mount finishes it.
     deleting: bool = False
 
 

@@ -23,9 +23,9 @@ class EpochIndex:
         self.ns = ns
         self.db = ns.store.open_db(name)
 
-    @staticmethod
-    def _key(epoch: int, table: "VersionedTable", prefix: bytes) -> bytes:
-        return _HEAD.pack(epoch, table.table_id) + prefix
+    @classmethod
+    def _key(cls, epoch: int, table: "VersionedTable", prefix: bytes) -> bytes:
+        return cls.key_of(epoch, table.table_id, prefix)
 
     def _put(self, epoch: int, table, prefix: bytes, value: bytes) -> None:
         self.ns.store.txn.put(self._key(epoch, table, prefix), value, db=self.db)
@@ -36,18 +36,26 @@ class EpochIndex:
     def _get(self, epoch: int, table, prefix: bytes) -> bytes | None:
         return self.ns.store.txn.get(self._key(epoch, table, prefix), db=self.db)
 
-    def between(self, first: int, last: int) -> list[tuple[int, int, bytes, bytes]]:
-        """(epoch, table id, prefix, value) of every entry of epochs first..last."""
-        out = []
+    def between(self, first: int, last: int, after: bytes | None = None,
+                limit: int | None = None) -> list[tuple[int, int, bytes, bytes]]:
+        """(epoch, table id, prefix, value) of the entries of epochs first..last, in key
+        order: all of them, or the next `limit` of those whose key sorts after `after`
+        (`key_of` an entry returned before), to walk a long range a piece at a time."""
+        out: list[tuple[int, int, bytes, bytes]] = []
         c = self.ns.store.txn.cursor(db=self.db)
-        if not c.set_range(_HEAD.pack(first, 0)):
+        start = _HEAD.pack(first, 0) if after is None else after + b"\0"
+        if not c.set_range(start):
             return out
         for k, v in c:
             epoch, table_id = _HEAD.unpack_from(k)
-            if epoch > last:
+            if epoch > last or len(out) == limit:
                 break
             out.append((epoch, table_id, bytes(k[_HEAD.size:]), v))
         return out
+
+    @staticmethod
+    def key_of(epoch: int, table_id: int, prefix: bytes) -> bytes:
+        return _HEAD.pack(epoch, table_id) + prefix
 
     def __len__(self) -> int:
         return self.ns.store.txn.stat(self.db)["entries"]
@@ -73,9 +81,12 @@ class Deadlist(EpochIndex):
             self.remove(old_killer, table, prefix)
             self.add(new_killer, table, prefix, born)
 
-    def killed_in(self, first: int, last: int) -> list[tuple[int, int, bytes, int]]:
-        """(killer, table id, prefix, birth) of everything killed in epochs first..last."""
-        return [(e, t, p, U64.unpack(v)[0]) for e, t, p, v in self.between(first, last)]
+    def killed_in(self, first: int, last: int, after: bytes | None = None,
+                  limit: int | None = None) -> list[tuple[int, int, bytes, int]]:
+        """(killer, table id, prefix, birth) of everything killed in epochs first..last
+        (or a piece of it: see `between`)."""
+        return [(e, t, p, U64.unpack(v)[0])
+                for e, t, p, v in self.between(first, last, after, limit)]
 
 
 class Births(EpochIndex):

@@ -19,6 +19,7 @@ from ..store import Store
 from .catalog import Catalog, SnapshotHeld, SnapshotRecord
 from .live import LiveView
 from .records import ROOT_INO, U64, Attr, pack_inode
+from .deletion import SnapshotDeletion
 from .epoch_index import Births, Deadlist
 from .versions import VersionedTable
 from .view import NamespaceView
@@ -66,6 +67,7 @@ class Namespace:
         self.reclaim_queue = InodeSet(store, "reclaim")    # ino -> epoch it died in
         self.catalog = Catalog(store)
         self._snapshot_epochs = self.catalog.epochs()
+        self._deletions: dict[int, SnapshotDeletion] = {}   # snapshot id -> its freeing
         if self._counter(_EPOCH) is None:
             self._format()
         # Read on every versioned write: kept in memory, changed only by `snapshot`.
@@ -131,12 +133,15 @@ class Namespace:
         return [r for r in self.catalog.records if not r.deleting]
 
     def deleting_snapshots(self) -> list[SnapshotRecord]:
-        """Snapshots deleted while open: readable still, freed by `delete_snapshot`."""
-        return [r for r in self.catalog.records if r.deleting]
+        """Snapshots deleted while open: readable still, freed by `delete_snapshot` (or
+        `start_deleting`) once closed; not those being freed already."""
+        return [r for r in self.catalog.records
+                if r.deleting and r.id not in self._deletions]
 
     def snapshot_epochs(self) -> list[int]:
-        """The epochs of every snapshot that still holds versions, deleting ones included."""
-        return list(self._snapshot_epochs)
+        """The epochs of every snapshot that still holds versions: deleting ones and
+        those being freed included."""
+        return sorted(self._snapshot_epochs + [d.record.epoch for d in self._deletions.values()])
 
     def mark_deleting(self, snap_id: int) -> SnapshotRecord:
         """Take a snapshot out of sight now, durably once committed; its versions stay
@@ -153,27 +158,34 @@ class Namespace:
         return self.catalog.set_hold(snap_id, hold)
 
     def delete_snapshot(self, snap_id: int) -> int:
-        """Delete a snapshot and free what only it could see; returns versions freed."""
+        """Delete a snapshot and free what only it could see, in one go; returns versions
+        freed."""
+        deletion = self.start_deleting(snap_id)
+        deletion.free_some()
+        return deletion.freed
+
+    def start_deleting(self, snap_id: int) -> SnapshotDeletion:
+        """Hide a snapshot for good and stop counting it as a reader of versions; its
+        versions are freed by the returned deletion's `free_some` (see deletion.py).
+        One deletion at a time: finish it before starting another."""
+        if self._deletions:
+            raise RuntimeError("one snapshot deletion at a time")
         record = self.catalog.get(snap_id)
         if record.hold:
             raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
+        if not record.deleting:
+            record = self.catalog.set_deleting(snap_id)
         epochs = self._snapshot_epochs
         i = epochs.index(record.epoch)
         prev_epoch = epochs[i - 1] if i > 0 else 0
         next_epoch = epochs[i + 1] if i + 1 < len(epochs) else self.epoch
-        self.catalog.remove(snap_id)
         del epochs[i]
-        freed = 0
-        for killer, table_id, prefix, born in self.deadlist.killed_in(record.epoch + 1,
-                                                                        next_epoch):
-            table = self.tables[table_id]
-            # Lived in [born, killer) with no remaining snapshot there: nobody sees it.
-            # (An entry freed or moved earlier in this loop is skipped.)
-            if born > prev_epoch and self.deadlist.get(killer, table, prefix) == born:
-                table.free_version(prefix, born)
-                freed += 1
-        log.debug("snapshot %s deleted: %d versions freed", record.name, freed)
-        return freed
+        deletion = self._deletions[snap_id] = SnapshotDeletion(self, record, prev_epoch,
+                                                               next_epoch)
+        return deletion
+
+    def deletion_ended(self, deletion: SnapshotDeletion) -> None:
+        del self._deletions[deletion.record.id]
 
     # -- unlinked inodes -------------------------------------------------------------
 
