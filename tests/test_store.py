@@ -239,6 +239,49 @@ def test_compact_moves_live_blocks_of_a_mostly_dead_pack(store_dir):
         assert s.blocks.refcount(hs[3]) == 1
 
 
+def test_compact_reads_the_whole_index_only_past_damaged_framing(store_dir, monkeypatch):
+    """Compaction finds a pack's live blocks by walking its records. Only when a record
+    header is damaged does it look through the whole index for blocks placed past it:
+    that costs the index's size, with a mount waiting."""
+    rng = random.Random(14)
+    with Store.open(store_dir, rotate_size=600 * KiB) as s:
+        data = [random_block(rng) for _ in range(4)]
+        hs = [s.blocks.put(d) for d in data]
+        s.blocks.put(random_block(rng))  # rotates: pack 1 is closed
+        s.commit()
+        s.blocks.decref(hs[0])
+        s.blocks.decref(hs[2])
+        whole_index = s.blocks.iter_locations
+        scans = []
+
+        def counted():
+            scans.append(1)
+            return whole_index()
+
+        monkeypatch.setattr(s.blocks, "iter_locations", counted)
+        first = s.blocks.compact_pack(1, CompactResult())
+        assert first and scans == []
+        for i in (1, 3):
+            assert s.blocks.get(hs[i]) == data[i]
+        # Pack 2 now holds the moved blocks: free one whose record comes first, then
+        # break its header, so the walk stops before the live block after it.
+        s.blocks.put(random_block(rng))
+        s.commit()
+        moved = sorted((s.blocks.locate(h).offset, h) for h in (hs[1], hs[3]))
+        (dead_at, dead), (_, live) = moved
+        s.blocks.decref(dead)
+        s.commit()
+        pack = s.blocks.locate(live).pack_id
+        in_pack = [loc.hash for loc in whole_index() if loc.pack_id == pack and loc.refcount]
+        assert live in in_pack and dead not in in_pack
+        flip_byte(pack_files(store_dir)[pack], dead_at)  # the record magic
+        result = CompactResult()
+        assert s.blocks.compact_pack(pack, result) and scans == [1]
+        assert result.blocks_moved == len(in_pack)
+        assert all(s.blocks.locate(h).pack_id != pack for h in in_pack)
+        assert s.blocks.get(live) == data[hs.index(live)]
+
+
 def test_compact_after_reopen_keeps_live_blocks(opened, store_dir):
     """After a reopen no pack is open for appending; compacting the newest pack must not
     move its live blocks into itself and then delete it."""

@@ -426,8 +426,11 @@ class BlockStore:
                         self._move(loc, data[pos:end])
                         moved += 1
             pos = end
-        # Anything the index still places in this pack (past damaged framing) must move too.
-        leftovers = [loc for loc in self.iter_locations() if loc.pack_id == pack_id]
+        # Past damaged framing, what the index still places in this pack must move too.
+        # Finding it means reading the whole index (3.5 us a block here: 30 s for 1 TB of
+        # 128 KiB blocks, with the mount waiting), so only then.
+        leftovers = ([] if pos == len(data) else
+                     [loc for loc in self.iter_locations() if loc.pack_id == pack_id])
         for loc in leftovers:
             if loc.refcount == 0:
                 self.store.txn.delete(loc.hash, db=self.db)
