@@ -220,13 +220,20 @@ def test_refcount_zero_then_compact_frees_pack_bytes(store_dir):
             assert s.blocks.get(h) == d
 
 
+def fill_first_pack(s, rng) -> tuple[list[bytes], list[bytes]]:
+    """Four random blocks in pack 1, closed by a fifth (the store rotates at 600 KiB);
+    returns their data and hashes."""
+    data = [random_block(rng) for _ in range(4)]
+    hs = [s.blocks.put(d) for d in data]
+    s.blocks.put(random_block(rng))
+    s.commit()
+    return data, hs
+
+
 def test_compact_moves_live_blocks_of_a_mostly_dead_pack(store_dir):
     rng = random.Random(4)
     with Store.open(store_dir, rotate_size=600 * KiB) as s:
-        data = [random_block(rng) for _ in range(4)]
-        hs = [s.blocks.put(d) for d in data]
-        s.blocks.put(random_block(rng))  # rotates: pack 1 is closed
-        s.commit()
+        data, hs = fill_first_pack(s, rng)
         for h in hs[:3]:
             s.blocks.decref(h)
         result = s.blocks.compact(threshold=0.5)
@@ -245,10 +252,7 @@ def test_compact_reads_the_whole_index_only_past_damaged_framing(store_dir, monk
     that costs the index's size, with a mount waiting."""
     rng = random.Random(14)
     with Store.open(store_dir, rotate_size=600 * KiB) as s:
-        data = [random_block(rng) for _ in range(4)]
-        hs = [s.blocks.put(d) for d in data]
-        s.blocks.put(random_block(rng))  # rotates: pack 1 is closed
-        s.commit()
+        data, hs = fill_first_pack(s, rng)
         s.blocks.decref(hs[0])
         s.blocks.decref(hs[2])
         whole_index = s.blocks.iter_locations
