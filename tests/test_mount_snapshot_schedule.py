@@ -4,6 +4,7 @@ every `snapshot_every` and prune them by its keep rules."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -81,3 +82,40 @@ def test_bad_schedule_fails_the_mount(mount_factory):
     finally:
         if is_mounted(m.path):
             backupfs("umount", m.path, check=False)
+
+
+def test_the_schedule_gives_pruned_space_back_to_the_disk(mount_factory):
+    """What pruning frees goes back to the disk with no `compact` run by hand: a file
+    deleted from the live tree leaves the snapshots that held it as they are pruned,
+    and the pack it shared with a kept file, now mostly dead, is rewritten."""
+    m = mount_factory()
+    config = m.store / "config.toml"
+    config.write_text(config.read_text() + '\n[schedule]\nsnapshot_every = "1s"\n'
+                      'keep_last = 1\ncompact_threshold = 0.3\n')
+    m.start()
+    with open(m.path / "kept", "wb") as kept, open(m.path / "gone", "wb") as gone:
+        for _ in range(40):  # interleaved, so the first pack (64 MiB) holds both
+            kept.write(os.urandom(1 << 20))
+            gone.write(os.urandom(1 << 20))
+        os.fsync(kept.fileno())
+        os.fsync(gone.fileno())
+    first_pack = m.store / "packs" / "00" / "000001.pack"
+    assert first_pack.exists(), sorted(p.name for p in (m.store / "packs").rglob("*"))
+    taken_before = len(from_log(m, "scheduled snapshot"))
+    deadline = time.monotonic() + 30
+    while len(from_log(m, "scheduled snapshot")) == taken_before:  # one holds "gone"
+        assert time.monotonic() < deadline, m.log()
+        time.sleep(0.1)
+    (m.path / "gone").unlink()
+    # The snapshot holding "gone" is pruned, then the pack is compacted.
+    while not re.search(r"compacted [1-9]\d* packs", m.log()):
+        assert time.monotonic() < deadline, m.log()
+        time.sleep(0.1)
+    assert not first_pack.exists()
+    # "gone" took 40 MiB, 32 of them in the first pack; what is left dead is in the
+    # pack still being appended to, which compaction leaves alone.
+    stats = json.loads(backupfs("stats", m.path, "--json").stdout)
+    assert stats["dead_bytes"] < 16 << 20, stats
+    m.stop()
+    r = backupfs("fsck", m.store, "--json", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -99,3 +99,13 @@ def test_schedule_from_config():
         parse_duration("soon")
     with pytest.raises(BackupfsError):
         Schedule.from_config({"schedule": {"keep_often": 1}})
+
+
+def test_schedule_compact_threshold():
+    assert Schedule.from_config({"schedule": {"snapshot_every": "1h"}}).compact_threshold == 0.5
+    assert Schedule.from_config({"schedule": {"compact_threshold": 0.2}}).compact_threshold == 0.2
+    assert Schedule.from_config({"schedule": {"compact_threshold": 0}}).compact_threshold == 0
+    assert Schedule.from_config({"schedule": {"compact_threshold": False}}).compact_threshold is None
+    for bad in (1, 1.5, -0.1, "half", True):
+        with pytest.raises(BackupfsError, match="compact_threshold"):
+            Schedule.from_config({"schedule": {"compact_threshold": bad}})

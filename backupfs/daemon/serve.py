@@ -95,6 +95,8 @@ class Daemon:
         self.txg_interval = txg_interval
         self.writeback_cache = writeback_cache
         self.ops: BackupFS | None = None
+        # A second compaction would find packs the first has removed since it listed them.
+        self._one_compaction = trio.Lock()
 
     def run(self) -> None:
         """Mount and serve until unmounted; raises BackupfsError for what the user can fix."""
@@ -225,6 +227,8 @@ class Daemon:
                 log.info("scheduled snapshot %s taken", record["name"])
                 if not schedule.keep.is_empty():
                     await self._prune(schedule.keep, dry_run=False)
+                if schedule.compact_threshold is not None:
+                    await self.control_compact(schedule.compact_threshold)
             except Exception:
                 log.exception("scheduled snapshot failed")
 
@@ -314,12 +318,14 @@ class Daemon:
         store = self.ops.store
         await self.ops.flush_everything()
         result = CompactResult()
-        for pack_id in store.blocks.compact_candidates(float(threshold)):
-            async with self.ops.txg.exclusive():  # its own commit, not mixed into a group
-                store.blocks.compact_pack(pack_id, result)
-            await trio.sleep(0)
-        log.info("compacted %d packs, %d bytes freed", result.packs_rewritten,
-                 result.bytes_freed)
+        async with self._one_compaction:
+            for pack_id in store.blocks.compact_candidates(float(threshold)):
+                async with self.ops.txg.exclusive():  # its own commit, not in a group
+                    store.blocks.compact_one(pack_id, result)
+                await trio.sleep(0)
+        if result.packs_rewritten or result.corrupt:
+            log.info("compacted %d packs, %d bytes freed", result.packs_rewritten,
+                     result.bytes_freed)
         return {**asdict(result), "corrupt": [str(e) for e in result.corrupt or []]}
 
     async def control_flush(self) -> dict:

@@ -8,8 +8,13 @@
     keep_monthly = 12
     label = "scheduled"        # optional
 
+    compact_threshold = 0.5    # the default; false: never compact by itself
+
 The daemon takes a snapshot every `snapshot_every` and then prunes by the keep rules
-(held snapshots are always kept; no keep rule means nothing is pruned).
+(held snapshots are always kept; no keep rule means nothing is pruned). Then it gives
+dead space back to the disk: packs more than `compact_threshold` dead are rewritten, as
+`backupfs compact --threshold` would, so what pruning and deleting free does not wait
+for an admin to remember compaction.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from .retention import KeepPolicy
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# As `backupfs compact`'s default: a pack is rewritten once half of it is dead, so the
+# bytes moved never exceed the bytes given back.
+DEFAULT_COMPACT_THRESHOLD = 0.5
 
 
 def parse_duration(value) -> float:
@@ -42,6 +50,7 @@ class Schedule:
     every: float | None = None
     keep: KeepPolicy = field(default_factory=KeepPolicy)
     label: str = "scheduled"
+    compact_threshold: float | None = DEFAULT_COMPACT_THRESHOLD   # None: never
 
     @property
     def enabled(self) -> bool:
@@ -52,8 +61,20 @@ class Schedule:
         table = dict(config.get("schedule", {}))
         every = table.pop("snapshot_every", None)
         label = table.pop("label", "scheduled")
+        compact = parse_threshold(table.pop("compact_threshold", DEFAULT_COMPACT_THRESHOLD))
         try:
             keep = KeepPolicy.from_mapping(table)
         except ValueError as e:
             raise BackupfsError(f"config.toml [schedule]: {e}") from None
-        return cls(parse_duration(every) if every is not None else None, keep, label)
+        return cls(parse_duration(every) if every is not None else None, keep, label,
+                   compact)
+
+
+def parse_threshold(value) -> float | None:
+    """A pack's dead share above which it is rewritten: a number in [0, 1), or false."""
+    if value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise BackupfsError(f"config.toml [schedule]: compact_threshold must be a number "
+                            f"from 0 to 1 (a share of dead bytes) or false, not {value!r}")
+    return float(value)

@@ -453,6 +453,14 @@ class BlockStore:
         result.blocks_dropped += dropped
         return True
 
+    def compact_one(self, pack_id: int, result: CompactResult) -> None:
+        """`compact_pack`, with a live block that fails verification noted in `result`
+        (its pack stays, and the other packs are still compacted)."""
+        try:
+            self.compact_pack(pack_id, result)
+        except CorruptBlock as e:
+            result.corrupt = (result.corrupt or []) + [e]
+
     def _move(self, loc: BlockLocation, record: bytes) -> None:
         # Verify before copying: compaction must never spread a bad block.
         codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
@@ -466,10 +474,7 @@ class BlockStore:
         result = CompactResult()
         candidates = self.compact_candidates(threshold)
         for i, pack_id in enumerate(candidates):
-            try:
-                self.compact_pack(pack_id, result)
-            except CorruptBlock as e:
-                result.corrupt = (result.corrupt or []) + [e]
+            self.compact_one(pack_id, result)
             if progress:
                 progress(i + 1, len(candidates))
         return result
