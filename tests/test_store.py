@@ -27,6 +27,7 @@ from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
 from backupfs.store import CompactResult, Store, block_hash, index
 from backupfs.store.blockstore import INLINE_HASH_MAX, INLINE_READ_MAX, cpu_limiter
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
+from backupfs.store.compaction import PackCompaction
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
 KiB = 1024
@@ -284,6 +285,45 @@ def test_compact_reads_the_whole_index_only_past_damaged_framing(store_dir, monk
         assert result.blocks_moved == len(in_pack)
         assert all(s.blocks.locate(h).pack_id != pack for h in in_pack)
         assert s.blocks.get(live) == data[hs.index(live)]
+
+
+@pytest.mark.parametrize("revived_is_bad", [False, True])
+def test_compaction_steps_follow_the_index_as_it_changes(store_dir, revived_is_bad):
+    """In a mount the steps of compacting a pack run with requests served between them:
+    a block killed after its record was checked is dropped, not moved, and a dead block
+    revived meanwhile (written again) is verified and moved, or, bad, stops the pack."""
+    rng = random.Random(15)
+    with Store.open(store_dir, rotate_size=600 * KiB) as s:
+        data, hs = fill_first_pack(s, rng)
+        s.blocks.decref(hs[0])
+        s.blocks.decref(hs[1])
+        s.commit()
+        if revived_is_bad:
+            loc = s.blocks.locate(hs[0])
+            flip_byte(pack_files(store_dir)[1], loc.offset + RECORD_HEADER_LEN + 10)
+        c = PackCompaction(s.blocks, 1)
+        c.read()
+        live = c.live()
+        assert sorted(live) == sorted(s.blocks.locate(h).offset for h in hs[2:])
+        c.check(live)
+        s.blocks.decref(hs[2])           # killed after the check
+        assert s.blocks.put(data[0]) == hs[0]  # revived in place, never checked
+        if revived_is_bad:
+            with pytest.raises(CorruptBlock):
+                c.move()
+            return
+        c.move()
+        s.commit()
+        result = CompactResult()
+        c.finish(result)
+        assert (result.blocks_moved, result.blocks_dropped) == (2, 2)
+        assert 1 not in pack_files(store_dir)
+        for i in (0, 3):
+            assert s.blocks.locate(hs[i]).pack_id != 1 and s.blocks.get(hs[i]) == data[i]
+        for i in (1, 2):
+            assert s.blocks.refcount(hs[i]) == 0
+            with pytest.raises(MissingBlock):
+                s.blocks.locate(hs[i])
 
 
 def test_compact_after_reopen_keeps_live_blocks(opened, store_dir):

@@ -20,13 +20,13 @@ import pyfuse3
 import trio
 
 from .. import libc
-from ..errors import BackupfsError
+from ..errors import BackupfsError, CorruptBlock
 from ..fs import BackupFS
 from ..namespace import Namespace, SnapshotHeld
 from ..snapshots.retention import KeepPolicy, decide
 from ..snapshots.schedule import Schedule
 from ..store import Store
-from ..store.blockstore import CompactResult
+from ..store.compaction import CompactResult, PackCompaction
 from .control import ControlServer, control_group, share_store, snapshot_dict
 from .protocol import SOCKET_NAME
 from .mountinfo import SOURCE_PREFIX, backupfs_mounts, find_mount, set_read_ahead_once_serving
@@ -320,13 +320,26 @@ class Daemon:
         result = CompactResult()
         async with self._one_compaction:
             for pack_id in store.blocks.compact_candidates(float(threshold)):
-                async with self.ops.txg.exclusive():  # its own commit, not in a group
-                    store.blocks.compact_one(pack_id, result)
-                await trio.sleep(0)
+                await self._compact_pack(pack_id, result)
         if result.packs_rewritten or result.corrupt:
             log.info("compacted %d packs, %d bytes freed", result.packs_rewritten,
                      result.bytes_freed)
         return {**asdict(result), "corrupt": [str(e) for e in result.corrupt or []]}
+
+    async def _compact_pack(self, pack_id: int, result: CompactResult) -> None:
+        """One pack, with its reading and checking (up to 64 MiB each) in a worker
+        thread, and the fsync of what moved in the commit's; a bad live block is noted
+        in `result` and its pack stays."""
+        c = PackCompaction(self.ops.store.blocks, pack_id)
+        try:
+            await trio.to_thread.run_sync(c.read)
+            await trio.to_thread.run_sync(c.check, c.live())
+            c.move()
+        except CorruptBlock as e:
+            result.corrupt = (result.corrupt or []) + [e]
+            return
+        await self.ops.txg.commit()
+        c.finish(result)
 
     async def control_flush(self) -> dict:
         """Make the committed state current: written data, and the space of deleted

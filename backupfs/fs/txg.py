@@ -31,12 +31,6 @@ class TransactionGroups:
         self._lock = trio.Lock()
         self.commits = 0
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self):
-        """Held while something else commits the store itself (compaction)."""
-        async with self._lock, self.hold_still():
-            yield
-
     async def commit(self, seal: bool = True) -> None:
         """Seal (unless `seal` is False), sync the packs, commit. A seal that fails for
         a full disk still commits the metadata (with file sizes as far as their bytes

@@ -6,7 +6,7 @@ its options) does not pull in trio, LMDB and zstd for every command."""
 
 from importlib import import_module
 
-_WHERE = {"BlockLocation": "blockstore", "BlockStore": "blockstore", "CompactResult": "blockstore",
+_WHERE = {"BlockLocation": "blockstore", "BlockStore": "blockstore", "CompactResult": "compaction",
           "HASH_LEN": "codec", "block_hash": "codec", "StoreConfig": "config",
           "parse_size": "config", "Store": "store"}
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 import trio
 
 from ..errors import CorruptBlock, MissingBlock
-from . import codec
+from . import codec, compaction
 from .codec import RECORD_HEADER_LEN, EncodedBlock
+from .compaction import CompactResult
 from .config import Compression
-from .packs import PACK_HEADER_LEN
 
 if TYPE_CHECKING:
     from .store import Store
@@ -117,15 +117,6 @@ class BlockLocation:
         return cls(h, *BLOCK_VALUE.unpack(v))
 
 
-@dataclass
-class CompactResult:
-    packs_rewritten: int = 0
-    bytes_freed: int = 0
-    blocks_moved: int = 0
-    blocks_dropped: int = 0
-    corrupt: list[CorruptBlock] | None = None
-
-
 class BlockStore:
     def __init__(self, store: "Store"):
         self.store = store
@@ -139,10 +130,14 @@ class BlockStore:
     # -- lookups ---------------------------------------------------------------------
 
     def locate(self, h: bytes) -> BlockLocation:
-        v = self.store.txn.get(h, db=self.db)
-        if v is None:
+        loc = self.location_or_none(h)
+        if loc is None:
             raise MissingBlock(h)
-        return BlockLocation.from_value(h, v)
+        return loc
+
+    def location_or_none(self, h: bytes) -> BlockLocation | None:
+        v = self.store.txn.get(h, db=self.db)
+        return None if v is None else BlockLocation.from_value(h, v)
 
     def refcount(self, h: bytes) -> int:
         v = self.store.txn.get(h, db=self.db)
@@ -384,97 +379,29 @@ class BlockStore:
     def dead_bytes(self) -> int:
         return sum(self.store.pack_info(p)[1] for p in self.store.committed_pack_lengths())
 
+    # -- compaction (compaction.py) ---------------------------------------------------
+
     def compact_candidates(self, threshold: float) -> list[int]:
-        """Closed packs whose dead share is over `threshold` (0..1)."""
-        out = []
-        current = self.packs.current_pack
-        for pack_id in sorted(self.store.committed_pack_lengths()):
-            if pack_id == current:
-                continue
-            length, dead = self.store.pack_info(pack_id)
-            body = max(1, length - PACK_HEADER_LEN)
-            if dead and dead / body > threshold:
-                out.append(pack_id)
-        return out
+        return compaction.candidates(self, threshold)
 
     def compact_pack(self, pack_id: int, result: CompactResult) -> bool:
-        """Move the live blocks of one pack into the current pack, then delete it.
-
-        Crash-safe: the old pack is deleted only after the commit that moves its blocks.
-        A live block that fails verification is left where it is, and so is its pack.
-        """
-        self.packs.seal(pack_id)  # live blocks must move to another pack
-        length, _ = self.store.pack_info(pack_id)
-        data = self.packs.read(pack_id, 0, length)
-        moved, dropped = 0, 0
-        pos = PACK_HEADER_LEN
-        while pos + RECORD_HEADER_LEN <= len(data):
-            parsed = codec.parse_record_header(data[pos:pos + RECORD_HEADER_LEN])
-            if parsed is None:
-                break  # damaged framing: what follows is found through the index below
-            _, _, stored_len, h = parsed
-            end = pos + RECORD_HEADER_LEN + stored_len
-            v = self.store.txn.get(h, db=self.db)
-            if v is not None:
-                loc = BlockLocation.from_value(h, v)
-                if loc.pack_id == pack_id and loc.offset == pos:
-                    if loc.refcount == 0:
-                        self.store.txn.delete(h, db=self.db)
-                        self.store.txn.delete(DEAD_KEY.pack(pack_id, h), db=self.dead_db)
-                        dropped += 1
-                    else:
-                        self._move(loc, data[pos:end])
-                        moved += 1
-            pos = end
-        # Past damaged framing, what the index still places in this pack must move too.
-        # Finding it means reading the whole index (3.5 us a block here: 30 s for 1 TB of
-        # 128 KiB blocks, with the mount waiting), so only then.
-        leftovers = ([] if pos == len(data) else
-                     [loc for loc in self.iter_locations() if loc.pack_id == pack_id])
-        for loc in leftovers:
-            if loc.refcount == 0:
-                self.store.txn.delete(loc.hash, db=self.db)
-                self.store.txn.delete(DEAD_KEY.pack(pack_id, loc.hash), db=self.dead_db)
-                dropped += 1
-            else:
-                record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
-                try:
-                    self._move(loc, record)
-                except CorruptBlock as e:
-                    result.corrupt = (result.corrupt or []) + [e]
-                    return False
-                moved += 1
-        self.store.drop_pack_record(pack_id)
-        self.store.commit()
-        self.packs.remove(pack_id)
-        result.packs_rewritten += 1
-        result.bytes_freed += length
-        result.blocks_moved += moved
-        result.blocks_dropped += dropped
-        return True
+        return compaction.compact_pack(self, pack_id, result)
 
     def compact_one(self, pack_id: int, result: CompactResult) -> None:
-        """`compact_pack`, with a live block that fails verification noted in `result`
-        (its pack stays, and the other packs are still compacted)."""
-        try:
-            self.compact_pack(pack_id, result)
-        except CorruptBlock as e:
-            result.corrupt = (result.corrupt or []) + [e]
+        compaction.compact_one(self, pack_id, result)
 
-    def _move(self, loc: BlockLocation, record: bytes) -> None:
-        # Verify before copying: compaction must never spread a bad block.
-        codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
+    def compact(self, threshold: float = 0.5,
+                progress: Callable[[int, int], None] | None = None) -> CompactResult:
+        return compaction.compact(self, threshold, progress)
+
+    def forget_dead(self, loc: BlockLocation) -> None:
+        """Drop a dead block from the index (its pack is being compacted away)."""
+        self.store.txn.delete(loc.hash, db=self.db)
+        self.store.txn.delete(DEAD_KEY.pack(loc.pack_id, loc.hash), db=self.dead_db)
+
+    def relocate(self, loc: BlockLocation, record: bytes) -> None:
+        """Append a verified record to the current pack and point the index there."""
         new_pack, new_offset = self.packs.append(record)
         moved = BlockLocation(loc.hash, new_pack, new_offset, loc.stored_len, loc.raw_len,
                               loc.codec, loc.refcount)
         self.store.txn.put(loc.hash, moved.value(), db=self.db)
-
-    def compact(self, threshold: float = 0.5,
-                progress: Callable[[int, int], None] | None = None) -> CompactResult:
-        result = CompactResult()
-        candidates = self.compact_candidates(threshold)
-        for i, pack_id in enumerate(candidates):
-            self.compact_one(pack_id, result)
-            if progress:
-                progress(i + 1, len(candidates))
-        return result
