@@ -241,9 +241,10 @@ def test_a_big_truncate_leaves_the_mount_answering(mount_factory):
         end = time.monotonic()
     assert end - start > 0.5, "too quick to tell: give the file more blocks"
     # The longest wait for an answer while the truncate ran: one chunk of the release,
-    # not the whole of it (in one piece it was ~1.1 s of a 1.4 s truncate).
+    # not the whole of it (measured: 0.02 s of 1.2-1.4 s; in one piece ~1.1 s of a
+    # 1.4 s truncate).
     longest = longest_wait(answers, start, end)
-    assert longest < 0.4 * (end - start), (longest, end - start)
+    assert longest < 0.2 * (end - start), (longest, end - start)
     assert big.stat().st_size == 4096 and big.read_bytes() == chunk[:4096]
     m.stop()
     assert_fsck_clean(m.store)

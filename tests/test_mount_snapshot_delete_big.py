@@ -44,9 +44,9 @@ def test_a_big_snapshot_deletion_leaves_the_mount_answering(mount_factory):
         end = time.monotonic()
     assert end - start > 0.5, "too quick to tell: give the snapshot more changes"
     # The longest wait for an answer while the deletion ran: one piece of it, not the
-    # whole (measured: 0.29-0.44 s of 1.9-2.4 s; in one piece 1.42 s of 1.76 s).
+    # whole (measured: 0.05-0.07 s of 2.2-2.7 s; in one piece 1.42 s of 1.76 s).
     longest = longest_wait(answers, start, end)
-    assert longest < 0.4 * (end - start), (longest, end - start)
+    assert longest < 0.2 * (end - start), (longest, end - start)
     assert not (m.path / "snapshots" / name).exists()
     assert (m.path / "big").read_bytes() == CHUNK[:4096]
     m.stop()

@@ -25,6 +25,7 @@ import trio
 from ..errors import MissingBlock
 from ..store import Store
 from .gate import ChangeGate
+from .pieces import PIECE, between_pieces
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ SEAL_AHEAD = 64 * 1024 * 1024
 MAX_TORN_GAP = 2 * 1024 * 1024
 MAX_GAPS = 64
 # A truncate releases a big file's stored blocks this many at a time, serving other
-# requests in between: each costs ~20 us here (1.96 s measured for 100,000), so a 100 GiB
-# file's 819,200 blocks of 128 KiB would take ~16 s in one piece, every client waiting.
-DROP_CHUNK = 4096
+# requests in between (pieces.py): each costs ~20 us here (1.96 s measured for 100,000),
+# so a 100 GiB file's 819,200 blocks of 128 KiB would take ~16 s in one piece, every
+# client waiting.
+DROP_CHUNK = PIECE
 
 
 @dataclass(eq=False)
@@ -529,7 +531,7 @@ class FileContents:
                 live.set_size_keeping_blocks(ino, new_size)
                 try:
                     while live.drop_blocks_from(ino, first, DROP_CHUNK) == DROP_CHUNK:
-                        await trio.sleep(0)
+                        await between_pieces()
                 except OSError:
                     pass  # unlinked and reclaimed meanwhile: its garbage collection ends it
 
