@@ -11,6 +11,7 @@ changed, not the size of the tree.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import stat
 import time
@@ -43,8 +44,10 @@ class InodeSet:
     def discard(self, ino: int) -> None:
         self.store.txn.delete(U64.pack(ino), db=self.db)
 
-    def items(self) -> list[tuple[int, bytes]]:
-        return [(U64.unpack(k)[0], v) for k, v in self.store.txn.cursor(db=self.db)]
+    def items(self, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """(inode, value) in inode order: all, or the first `limit`."""
+        rows = itertools.islice(self.store.txn.cursor(db=self.db), limit)
+        return [(U64.unpack(k)[0], v) for k, v in rows]
 
     def __len__(self) -> int:
         return self.store.txn.stat(self.db)["entries"]
@@ -207,9 +210,9 @@ class Namespace:
         self.reclaim_queue.add(ino, U64.pack(self.epoch))
 
     def collect_garbage(self, budget: int) -> int:
-        """Release up to `budget` records of reclaimed inodes; returns how many inodes are
-        still queued (0: nothing left to do)."""
-        for ino, died in self.reclaim_queue.items():
+        """Release up to `budget` records of at most `budget` reclaimed inodes; returns how
+        many inodes are still queued (0: nothing left to do)."""
+        for ino, died in self.reclaim_queue.items(limit=budget):
             died_in = U64.unpack(died)[0]
             budget = self._release_inode_records(ino, died_in, budget)
             if budget <= 0:
@@ -221,7 +224,9 @@ class Namespace:
         """Remove (as of the epoch the inode died in) its block map and xattrs."""
         group = U64.pack(ino)
         for table in (self.blockmap, self.xattrs):
-            for prefix, _ in list(table.scan(group, died_in)):
+            # Not listed first: that read all of a big file's entries for every budget.
+            # (scan finds its place afresh after each write.)
+            for prefix, _ in table.scan(group, died_in):
                 if budget <= 0:
                     return 0
                 table.write(prefix, None, epoch=died_in)
