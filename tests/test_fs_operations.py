@@ -213,6 +213,50 @@ async def test_snapshot_deletions_free_in_chunks_one_at_a_time(fs, monkeypatch):
         h: 1 for h in {block_hash(versions[2][i:i + BS]) for i in range(0, 8 * BS, BS)}}
 
 
+async def test_a_listing_resumes_from_a_cookie_in_another_open_of_the_directory(
+        fs, monkeypatch):
+    """NFS servers (the kernel's nfsd, Ganesha) open a directory afresh for every
+    READDIR and resume from the cookie the client sent back: a cookie must mean the
+    same in every open of the directory, also while it changes. (A cookie from another
+    open used to be looked up in this open's own list: EIO, found by Ganesha.)"""
+    d = await fs.mkdir(ROOT, b"d", 0o755, CTX)
+    names = [b"f%03d" % i for i in range(50)]
+    for name in names:
+        fh, _ = await new_file(fs, name, parent=d.st_ino)
+        await fs.release(fh)
+
+    def reply(token, name, attr, cookie):
+        if len(token["got"]) == token["room"]:
+            return False
+        token["got"].append((name, cookie))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+    async def piece(start, room=7):
+        fh = await fs.opendir(d.st_ino, CTX)
+        token = {"got": [], "room": room}
+        try:
+            await fs.readdir(fh, start, token)
+        finally:
+            await fs.releasedir(fh)
+        return token["got"]
+
+    listed, start = [], 0
+    while got := await piece(start):
+        listed += [name for name, _ in got]
+        start = got[-1][1]
+        if len(listed) == 14:  # one name goes behind the listing, one comes ahead of it
+            await fs.unlink(d.st_ino, b"f000", CTX)
+            fh, _ = await new_file(fs, b"g", parent=d.st_ino)
+            await fs.release(fh)
+    assert listed == names + [b"g"]
+    assert [name for name, _ in await piece(0, room=100)] == names[1:] + [b"g"]
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await piece(10_000)
+    assert e.value.errno == errno.EINVAL
+
+
 async def test_snapshot_is_frozen_and_read_only(fs):
     fh, ino = await new_file(fs, b"doc")
     await fs.write(fh, 0, b"version 1")

@@ -11,8 +11,10 @@ for pkg in fuse3 libfuse3-dev pkg-config rsync attr strace; do
 done
 # Samba, for the Previous Versions test (tests/test_samba.py): ~15 s, ~60 MB, without the
 # recommended AD-DC packages. Installing it does not start a server here (no systemd).
+# And NFS-Ganesha with libnfs's client, for the NFS test (tests/test_nas_ganesha.py; this
+# kernel has neither the NFS server nor the client): ~15 s more. No server starts here.
 need_smb=()
-for pkg in samba samba-vfs-modules smbclient; do
+for pkg in samba samba-vfs-modules smbclient nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_smb+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_smb[@]} -gt 0 ]; then

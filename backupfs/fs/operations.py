@@ -16,7 +16,7 @@ import os
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -24,6 +24,7 @@ import trio
 from ..namespace import SnapshotHeld
 from . import inodes
 from .filedata import FileContents
+from .dircookies import CookieTable, DirCookies
 from .gate import ChangeGate
 from .handlers import fuse_handler
 from .inodes import LATEST_INO, SNAPSHOTS_DIR_INO, SNAPSHOTS_DIR_NAME
@@ -97,9 +98,7 @@ def erofs() -> pyfuse3.FUSEError:
 @dataclass(eq=False)
 class DirHandle:
     kernel_ino: int
-    # names[k] is the name whose entry was answered with cookie k + 1 + virtual count;
-    # a listing resumes *after* a name, so removals between calls never skip an entry.
-    names: list[bytes] = field(default_factory=list)
+    cookies: CookieTable   # the directory's, shared with its other opens (dircookies.py)
 
 
 @dataclass(eq=False)
@@ -137,6 +136,7 @@ class BackupFS(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
+        self.dir_cookies = DirCookies()
         self._no_xattrs = BoundedSet(65536)  # live inodes known to have no xattrs
         self._one_deletion = trio.Lock()  # the namespace frees one snapshot at a time
         self.mounted_at = time.time_ns()
@@ -529,7 +529,7 @@ class BackupFS(pyfuse3.Operations):
             if not stat.S_ISDIR(view.getattr(ino).mode):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = next(self._fh)
-        self.dirs[fh] = DirHandle(inode)
+        self.dirs[fh] = DirHandle(inode, self.dir_cookies.table(inode))
         if inode >> inodes.SLOT_SHIFT:
             self.slot_handles[inode >> inodes.SLOT_SHIFT] += 1
         return fh
@@ -551,14 +551,14 @@ class BackupFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, entry, pos + 1):
                 return
             pos += 1
-        k = pos - len(virtual)  # how many names of the real listing precede
-        after = h.names[k - 1] if k > 0 else None
+        try:
+            after = h.cookies.name_before(pos - len(virtual))
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None  # not a cookie of ours
         for name, attr in view.readdir(ino, after):
             kernel_ino = inodes.join(slot, attr.ino)
-            h.names.append(name)
-            cookie = len(virtual) + len(h.names)
+            cookie = len(virtual) + h.cookies.cookie_after(name)
             if not pyfuse3.readdir_reply(token, name, self._entry(attr, kernel_ino, slot), cookie):
-                h.names.pop()
                 return
             if not slot:
                 self.lookups[attr.ino] += 1

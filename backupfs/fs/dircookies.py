@@ -1,0 +1,67 @@
+"""Readdir cookies that any open of a directory can resume from.
+
+A listing goes out in pieces, each entry with a cookie (its `d_off`) from which the next
+piece resumes. The kernel's own readdir hands a cookie back on the same open directory,
+but an NFS server does not: the kernel's nfsd and NFS-Ganesha open the directory afresh
+for every READDIR and seek to the cookie the client sent back. So cookies belong to the
+directory, not to one open of it: cookie n means "resume after the n-th name this
+daemon listed in the directory", whichever open listed it. Resuming after a name stays
+right while the directory changes, since the names are listed in order.
+
+Tables are kept for the most recently opened directories, up to MAX_NAMES names in all;
+an open directory keeps its own table alive. A cookie no table knows (the daemon
+restarted, or the table was dropped) is refused with EINVAL rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+# ~100 bytes a name with its dict entry: about 25 MiB for the default.
+MAX_NAMES = 1 << 18
+
+
+class CookieTable:
+    """One directory's cookies: cookie n resumes after `names[n - 1]`."""
+
+    __slots__ = ("names", "_cookie_of")
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+        self._cookie_of: dict[bytes, int] = {}
+
+    def cookie_after(self, name: bytes) -> int:
+        cookie = self._cookie_of.get(name)
+        if cookie is None:
+            self.names.append(name)
+            cookie = self._cookie_of[name] = len(self.names)
+        return cookie
+
+    def name_before(self, cookie: int) -> bytes | None:
+        """The name to resume after (None: from the start); KeyError if unknown."""
+        if cookie == 0:
+            return None
+        if not 0 < cookie <= len(self.names):
+            raise KeyError(cookie)
+        return self.names[cookie - 1]
+
+
+class DirCookies:
+    def __init__(self, max_names: int = MAX_NAMES):
+        self.max_names = max_names
+        self._tables: OrderedDict[int, CookieTable] = OrderedDict()
+
+    def table(self, kernel_ino: int) -> CookieTable:
+        """The directory's table (made if need be), as most recently used."""
+        t = self._tables.pop(kernel_ino, None)
+        if t is None:
+            t = CookieTable()
+            self._drop_oldest()
+        self._tables[kernel_ino] = t
+        return t
+
+    def _drop_oldest(self) -> None:
+        total = sum(len(t.names) for t in self._tables.values())
+        while self._tables and total > self.max_names:
+            _, t = self._tables.popitem(last=False)
+            total -= len(t.names)
