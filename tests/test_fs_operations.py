@@ -233,8 +233,8 @@ async def test_a_listing_resumes_from_a_cookie_in_another_open_of_the_directory(
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
 
-    async def piece(start, room=7):
-        fh = await fs.opendir(d.st_ino, CTX)
+    async def piece(start, room=7, directory=d.st_ino):
+        fh = await fs.opendir(directory, CTX)
         token = {"got": [], "room": room}
         try:
             await fs.readdir(fh, start, token)
@@ -255,6 +255,12 @@ async def test_a_listing_resumes_from_a_cookie_in_another_open_of_the_directory(
     with pytest.raises(pyfuse3.FUSEError) as e:
         await piece(10_000)
     assert e.value.errno == errno.EINVAL
+    # /snapshots the same way, while a snapshot goes behind the listing.
+    records = [await fs.take_snapshot(label=str(i)) for i in range(3)]
+    first = await piece(0, room=1, directory=inodes.SNAPSHOTS_DIR_INO)
+    await fs.delete_snapshot(records[0])
+    rest = await piece(first[-1][1], room=10, directory=inodes.SNAPSHOTS_DIR_INO)
+    assert [n for n, _ in first + rest] == [r.name.encode() for r in records] + [b"latest"]
 
 
 async def test_snapshot_is_frozen_and_read_only(fs):

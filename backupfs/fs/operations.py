@@ -91,6 +91,15 @@ async def _tell_kernel(invalidate, *args) -> None:
         pass
 
 
+def _resume_after(cookies, cookie: int) -> bytes | None:
+    """The name a listing resumes after (None: from the start); EINVAL for a cookie
+    this daemon did not give for the directory."""
+    try:
+        return cookies.name_before(cookie)
+    except KeyError:
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
 def erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
@@ -540,7 +549,7 @@ class BackupFS(pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if h.kernel_ino == SNAPSHOTS_DIR_INO:
-            return self._readdir_snapshots(start_id, token)
+            return self._readdir_snapshots(h.cookies, start_id, token)
         slot, ino, view = self._resolve(h.kernel_ino)
         virtual = []
         if h.kernel_ino == ROOT:
@@ -551,10 +560,7 @@ class BackupFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, entry, pos + 1):
                 return
             pos += 1
-        try:
-            after = h.cookies.name_before(pos - len(virtual))
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None  # not a cookie of ours
+        after = _resume_after(h.cookies, pos - len(virtual))
         for name, attr in view.readdir(ino, after):
             kernel_ino = inodes.join(slot, attr.ino)
             cookie = len(virtual) + h.cookies.cookie_after(name)
@@ -563,16 +569,17 @@ class BackupFS(pyfuse3.Operations):
             if not slot:
                 self.lookups[attr.ino] += 1
 
-    def _readdir_snapshots(self, start_id, token):
-        entries = self.snapshots.entries()
-        for i in range(start_id, len(entries)):
-            name, kernel_ino = entries[i]
+    def _readdir_snapshots(self, cookies, start_id, token):
+        after = _resume_after(cookies, start_id)
+        for name, kernel_ino in self.snapshots.entries():
+            if after is not None and name <= after:
+                continue  # names in order: resumed after one, even if it is gone now
             if kernel_ino == LATEST_INO:
                 entry = self._latest_entry()
             else:
                 slot, ino = inodes.split(kernel_ino)
                 entry = self._entry(self.snapshots.view(slot).getattr(ino), kernel_ino, slot)
-            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+            if not pyfuse3.readdir_reply(token, name, entry, cookies.cookie_after(name)):
                 return
 
     @fuse_handler
