@@ -24,6 +24,17 @@ def test_the_oldest_tables_go_past_the_bound_but_an_open_keeps_its_own():
     other = cookies.table(2)
     for i in range(8):
         other.cookie_after(b"%d" % i)
-    cookies.table(3)                  # 16 names known: the oldest table goes
+    assert cookies.names_held == 16
+    cookies.table(3)                  # past the bound: the oldest table goes
+    assert cookies.names_held == 8
     assert cookies.table(2) is other
-    assert cookies.table(1) is not held and held.name_before(8) == b"7"
+    held.cookie_after(b"more")        # still growing in its open: no longer counted
+    assert cookies.names_held == 8
+    assert cookies.table(1) is not held and held.name_before(9) == b"more"
+
+
+def test_a_walk_over_many_directories_keeps_a_bounded_number_of_tables():
+    cookies = DirCookies(max_tables=3)
+    tables = [cookies.table(ino) for ino in range(100)]
+    assert cookies.table(99) is tables[99] and cookies.table(97) is tables[97]
+    assert cookies.table(0) is not tables[0]

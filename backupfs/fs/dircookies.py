@@ -8,9 +8,9 @@ directory, not to one open of it: cookie n means "resume after the n-th name thi
 daemon listed in the directory", whichever open listed it. Resuming after a name stays
 right while the directory changes, since the names are listed in order.
 
-Tables are kept for the most recently opened directories, up to MAX_NAMES names in all;
-an open directory keeps its own table alive. A cookie no table knows (the daemon
-restarted, or the table was dropped) is refused with EINVAL rather than guessed at.
+Tables are kept for the MAX_TABLES most recently opened directories, and up to
+MAX_NAMES names in all; an open directory keeps its own table alive. A cookie no table
+knows (the daemon restarted, or the table was dropped) is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -19,22 +19,27 @@ from collections import OrderedDict
 
 # ~100 bytes a name with its dict entry: about 25 MiB for the default.
 MAX_NAMES = 1 << 18
+# A `find` or `rsync` opens every directory of a tree once.
+MAX_TABLES = 4096
 
 
 class CookieTable:
     """One directory's cookies: cookie n resumes after `names[n - 1]`."""
 
-    __slots__ = ("names", "_cookie_of")
+    __slots__ = ("names", "_cookie_of", "counted_by")
 
-    def __init__(self) -> None:
+    def __init__(self, counted_by: "DirCookies | None" = None) -> None:
         self.names: list[bytes] = []
         self._cookie_of: dict[bytes, int] = {}
+        self.counted_by = counted_by   # the registry while it holds this table
 
     def cookie_after(self, name: bytes) -> int:
         cookie = self._cookie_of.get(name)
         if cookie is None:
             self.names.append(name)
             cookie = self._cookie_of[name] = len(self.names)
+            if self.counted_by is not None:
+                self.counted_by.names_held += 1
         return cookie
 
     def name_before(self, cookie: int) -> bytes | None:
@@ -47,21 +52,21 @@ class CookieTable:
 
 
 class DirCookies:
-    def __init__(self, max_names: int = MAX_NAMES):
+    def __init__(self, max_names: int = MAX_NAMES, max_tables: int = MAX_TABLES):
         self.max_names = max_names
+        self.max_tables = max_tables
+        self.names_held = 0
         self._tables: OrderedDict[int, CookieTable] = OrderedDict()
 
     def table(self, kernel_ino: int) -> CookieTable:
         """The directory's table (made if need be), as most recently used."""
         t = self._tables.pop(kernel_ino, None)
         if t is None:
-            t = CookieTable()
-            self._drop_oldest()
+            t = CookieTable(self)
         self._tables[kernel_ino] = t
+        while len(self._tables) > 1 and (len(self._tables) > self.max_tables
+                                         or self.names_held > self.max_names):
+            _, old = self._tables.popitem(last=False)
+            old.counted_by = None
+            self.names_held -= len(old.names)
         return t
-
-    def _drop_oldest(self) -> None:
-        total = sum(len(t.names) for t in self._tables.values())
-        while self._tables and total > self.max_names:
-            _, t = self._tables.popitem(last=False)
-            total -= len(t.names)
