@@ -45,6 +45,7 @@ def check_promises(mnt: Path, journal: list[dict]) -> tuple[int, int]:
     # deletion freed may be taken again by a snapshot in the same second, even in the
     # next cycle: then only the later snapshot's fate counts.
     fate: dict[str, tuple[str, dict]] = {}
+    deleting_at: dict[str, int] = {}
     for entry in journal:
         if entry["kind"] == "file":
             data = (mnt / entry["name"]).read_bytes()
@@ -56,10 +57,16 @@ def check_promises(mnt: Path, journal: list[dict]) -> tuple[int, int]:
             fate[entry["name"]] = ("taken", entry["manifest"])
         else:  # "deleting", then "deleted" once the command has answered
             fate[entry["name"]] = (entry["kind"], fate[entry["name"]][1])
+            deleting_at[entry["name"]] = entry.get("at_ns", deleting_at.get(entry["name"]))
+    created = {s["name"]: s["created_ns"]
+               for s in json.loads(backupfs("list", mnt, "--json").stdout)}
     for name, (event, taken) in fate.items():
         path = mnt / "snapshots" / name
         if event == "deleted":
-            assert not path.exists(), f"deleted snapshot {name} is back"
+            # Unless a snapshot taken after the deletion began got the name again (the
+            # kill came before the workload had written it down).
+            assert not path.exists() or created[name] > deleting_at[name], \
+                f"deleted snapshot {name} is back"
         elif event == "deleting" and not path.exists():
             pass  # the kill came during its deletion
         else:

@@ -112,7 +112,8 @@ def run(mnt: Path, journal: Journal, seed: int, snapshot_every: float) -> None:
             last_snapshot = time.monotonic()
             if taken and rng.random() < 0.3:
                 victim = taken.pop(rng.randrange(len(taken)))
-                journal.write("deleting", name=victim)
+                # When: a snapshot taken later in the same second may get the name again.
+                journal.write("deleting", name=victim, at_ns=time.time_ns())
                 subprocess.run([*BACKUPFS, "delete", str(mnt), victim], check=True,
                                capture_output=True)
                 journal.write("deleted", name=victim)
