@@ -13,8 +13,9 @@ requests between them. What makes that safe:
   a consistent store: the catalog still names the snapshot (marked deleting, hidden from
   users), and the versions not yet freed are still seen by its epoch. After a crash the
   next mount starts the deletion again; versions freed already are simply not met.
-- One deletion runs at a time (the caller's job): freeing moves deadlist entries, and a
-  second walk over the same range could then be told a stale birth.
+- One deletion runs at a time (`Namespace.start_deleting` refuses a second): freeing
+  moves deadlist entries, and a second walk over the same range could then be told a
+  stale birth.
 """
 
 from __future__ import annotations
