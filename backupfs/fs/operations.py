@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from ..namespace import SnapshotHeld
 from . import inodes
 from .filedata import FileContents
 from .dircookies import CookieTable, DirCookies
@@ -725,9 +724,7 @@ class BackupFS(pyfuse3.Operations):
         """Delete a snapshot. It disappears at once, for good (a crash leaves the next
         mount to finish); what only it sees is freed now, or, if files or directories
         in it are open, when the last of them is closed (they read on till then)."""
-        if record.hold:
-            raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
-        record = self.ns.mark_deleting(record.id)
+        record = self.ns.mark_deleting(record.id)  # SnapshotHeld if it is held
         self.snapshots.hide(record)
         if not await self._delete_now(record):
             await self.txg.commit()

@@ -173,11 +173,7 @@ class Namespace:
         One deletion at a time: finish it before starting another."""
         if self._deletions:
             raise RuntimeError("one snapshot deletion at a time")
-        record = self.catalog.get(snap_id)
-        if record.hold:
-            raise SnapshotHeld(f"snapshot {record.name} is held; release it first")
-        if not record.deleting:
-            record = self.catalog.set_deleting(snap_id)
+        record = self.mark_deleting(snap_id)
         epochs = self._snapshot_epochs
         i = epochs.index(record.epoch)
         prev_epoch = epochs[i - 1] if i > 0 else 0
