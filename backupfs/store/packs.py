@@ -9,7 +9,6 @@ pack and deletes the old file once the index no longer points into it).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -20,8 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .. import libc
 from ..errors import StoreError
+from .pack_writer import PackWriter, StagePool
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +34,8 @@ RESERVE_SHARE = 0.02
 RESERVE_MAX = 256 * 1024 * 1024
 # Below this estimate of free space, every append looks at the disk again.
 SPACE_RECHECK = 64 * 1024 * 1024
-# Appended bytes are handed to the disk in chunks of this size as they come, so that the
-# fsync at commit finds little left to write and compression overlaps the disk's work.
-WRITEBACK_CHUNK = 8 * 1024 * 1024
 # preadv2's flag for "fail with EAGAIN rather than wait for the disk" (Linux 4.14).
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x00000008)
-
-
-def _start_writeback_fn():
-    """`sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`: start writing a range out
-    without waiting for it. The os module lacks it; without libc it is simply skipped
-    (the fsync at commit then writes everything, as before)."""
-    fn = libc.function("sync_file_range",
-                       [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
-    if fn is None:
-        return lambda fd, offset, n: None
-    write = 2  # SYNC_FILE_RANGE_WRITE
-    return lambda fd, offset, n: fn(fd, offset, n, write)
-
-
-start_writeback = _start_writeback_fn()
 
 
 def _locked(method):
@@ -83,10 +64,13 @@ class SyncPlan:
     keeps appending, rotating or closing packs.
     """
 
-    def __init__(self, files: list[Path], dirs: list[Path], lengths: dict[int, int]):
+    def __init__(self, files: list[Path], dirs: list[Path], lengths: dict[int, int],
+                 written=lambda: None):
         self.files, self.dirs, self.lengths = files, dirs, lengths
+        self.written = written  # waits until the pack writer has given the disk its bytes
 
     def run(self) -> None:
+        self.written()
         for path in self.files:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -103,10 +87,13 @@ class SyncPlan:
 class PackSet:
     """The pack files of one store: one pack open for appending, cached read handles."""
 
-    def __init__(self, root: Path, rotate_size: int = DEFAULT_ROTATE_SIZE, readonly: bool = False):
+    def __init__(self, root: Path, rotate_size: int = DEFAULT_ROTATE_SIZE, readonly: bool = False,
+                 direct: bool = True):
         self.root = Path(root)
         self.rotate_size = rotate_size
         self.readonly = readonly
+        self.direct = direct  # appends past the page cache where the filesystem allows
+        self._stages = StagePool()
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
         # Appends come from worker threads (BlockStore.put_many): everything that touches
@@ -119,9 +106,7 @@ class PackSet:
         self._close_when_idle: set[int] = set()
         self._nowait_works = hasattr(os, "preadv")
         self._write_id: int | None = None
-        self._write_fd: int | None = None
-        self._write_len = 0
-        self._written_back = 0  # offset in the write pack up to which writeback started
+        self._writer: PackWriter | None = None
         self._next_id = 1
         self._dirty: set[int] = set()  # packs written since the last sync
         self._dirs_to_sync: set[Path] = set()
@@ -194,7 +179,9 @@ class PackSet:
         self._free_estimate -= n
         now = time.monotonic()
         if self._free_estimate < SPACE_RECHECK or now - self._space_checked > 1.0:
-            self._free_estimate = self.free_bytes()
+            # Bytes still in the writer's stages are not on the disk yet, but will be.
+            unwritten = self._writer.unwritten_bytes if self._writer is not None else 0
+            self._free_estimate = self.free_bytes() - unwritten
             self._space_checked = now
         if self._free_estimate < n:
             raise OSError(errno.ENOSPC, "No space left on device (the store's disk is full)")
@@ -207,35 +194,26 @@ class PackSet:
         size = sum(map(len, parts))
         with self._lock:
             self._check_space(size)
-            if self._write_fd is None or (
-                self._write_len > PACK_HEADER_LEN and self._write_len + size > self.rotate_size
+            writer = self._writer
+            if writer is None or (
+                writer.length > PACK_HEADER_LEN and writer.length + size > self.rotate_size
             ):
-                self._open_for_append()
-            offset = self._write_len
-            written = os.pwritev(self._write_fd, parts, offset)
-            if written != size:
-                # A short write means the disk is full; the bytes past our length are
-                # garbage that the next append overwrites.
-                raise OSError(errno.ENOSPC, "No space left on device (short write to pack)")
-            self._write_len += written
-            self._lengths[self._write_id] = self._write_len
+                writer = self._open_for_append()
+            offset = writer.append(parts, size)
+            self._lengths[self._write_id] = writer.length
             self._dirty.add(self._write_id)
-            if self._write_len - self._written_back >= WRITEBACK_CHUNK:
-                start_writeback(self._write_fd, self._written_back,
-                                self._write_len - self._written_back)
-                self._written_back = self._write_len
             return self._write_id, offset
 
-    def _open_for_append(self) -> None:
+    def _open_for_append(self) -> PackWriter:
         # Continue the newest pack while it has room, else start a new one.
         newest = max(self._lengths, default=None)
-        if (self._write_fd is None and newest is not None and newest not in self._sealed
+        if (self._writer is None and newest is not None and newest not in self._sealed
                 and self._lengths[newest] < self.rotate_size):
+            self._writer = PackWriter(self.path(newest), self._lengths[newest], self.direct,
+                                      self._stages)
             self._write_id = newest
-            self._write_fd = os.open(self.path(newest), os.O_WRONLY)
-            self._write_len = self._written_back = self._lengths[newest]
-            return
-        self._close_write_fd()
+            return self._writer
+        self._close_writer()
         pack_id = self._next_id
         self._next_id += 1
         path = self.path(pack_id)
@@ -246,20 +224,22 @@ class PackSet:
         header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, pack_id)
         try:
             os.pwrite(fd, header, 0)
+            self._writer = PackWriter(path, PACK_HEADER_LEN, self.direct, self._stages)
         except OSError:
-            os.close(fd)
             path.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
         self._dirs_to_sync.add(path.parent)
-        self._write_id, self._write_fd, self._write_len = pack_id, fd, PACK_HEADER_LEN
-        self._written_back = 0
+        self._write_id = pack_id
         self._lengths[pack_id] = PACK_HEADER_LEN
         self._dirty.add(pack_id)
+        return self._writer
 
-    def _close_write_fd(self) -> None:
-        if self._write_fd is not None:
-            os.close(self._write_fd)
-            self._write_fd = None
+    def _close_writer(self, keep_staged: bool = True) -> None:
+        if self._writer is not None:
+            self._writer.close(keep_staged)
+            self._writer = None
             self._write_id = None
 
     def sync(self) -> dict[int, int]:
@@ -269,21 +249,37 @@ class PackSet:
         which must happen only after this returns.
         """
         plan = self.plan_sync()
-        plan.run()
+        try:
+            plan.run()
+        except BaseException:
+            self.sync_failed(plan)
+            raise
         return self.record_synced(plan)
 
     @_locked
     def plan_sync(self) -> "SyncPlan":
         """Take what needs an fsync now; `SyncPlan.run` may then go to a worker thread
         while this thread goes on appending (those later appends wait for the next sync)."""
+        written = lambda: None  # noqa: E731
+        if self._writer is not None and self._write_id in self._dirty:
+            writer, ticket = self._writer, self._writer.start_flush()
+            written = functools.partial(writer.wait_written, ticket)
         plan = SyncPlan(
             files=[self.path(p) for p in sorted(self._dirty)],
             dirs=sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True),
             lengths={p: self._lengths[p] for p in self._dirty if p in self._lengths},
+            written=written,
         )
         self._dirty.clear()
         self._dirs_to_sync.clear()
         return plan
+
+    @_locked
+    def sync_failed(self, plan: "SyncPlan") -> None:
+        """A plan that did not run to its end: its packs and directories wait for the next
+        sync, so that no commit records their lengths before they are on the disk."""
+        self._dirty.update(p for p in plan.lengths if p in self._lengths)
+        self._dirs_to_sync.update(plan.dirs)
 
     @_locked
     def record_synced(self, plan: "SyncPlan") -> dict[int, int]:
@@ -316,7 +312,7 @@ class PackSet:
         and compacting that pack would move its live blocks into itself."""
         self._sealed.add(pack_id)
         if pack_id == self._write_id:
-            self._close_write_fd()
+            self._close_writer()
 
     @_locked
     def retire(self, pack_id: int) -> None:
@@ -331,7 +327,7 @@ class PackSet:
     def remove(self, pack_id: int) -> None:
         """Delete a pack whose blocks the committed index no longer references."""
         if pack_id == self._write_id:
-            self._close_write_fd()
+            self._close_writer(keep_staged=False)
         with self._read_lock:
             fd = self._read_fds.pop(pack_id, None)
             if fd is not None:
@@ -349,14 +345,29 @@ class PackSet:
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
         """Read bytes from a pack. Thread-safe; may return fewer bytes at the end of a file,
         and none if the pack is gone (compacted away since its location was looked up)."""
+        staged = self._read_staged(pack_id, offset, length)
+        if staged is not None:
+            return staged
         with self._reading(pack_id) as fd:
             return b"" if fd is None else os.pread(fd, length, offset)
 
-    def read_cached(self, pack_id: int, offset: int, length: int) -> bytearray | None:
+    def _read_staged(self, pack_id: int, offset: int, length: int) -> bytes | None:
+        """The bytes from the writer's memory if some of them are not in the file yet."""
+        if pack_id != self._write_id:  # a pack stops being written only once in its file
+            return None
+        with self._lock:
+            if pack_id != self._write_id or self._writer is None:
+                return None
+            return self._writer.read_staged(offset, length)
+
+    def read_cached(self, pack_id: int, offset: int, length: int) -> bytes | bytearray | None:
         """All `length` bytes if the page cache holds them, else None, without ever waiting
         for the disk (RWF_NOWAIT), so that the event loop may call it. A miss still starts
         the kernel's read-ahead, which the reader that then waits for the disk will find
         under way."""
+        staged = self._read_staged(pack_id, offset, length)
+        if staged is not None:
+            return staged if len(staged) == length else None
         if not self._nowait_works:
             return None
         buf = bytearray(length)
@@ -421,5 +432,5 @@ class PackSet:
 
     @_locked
     def close(self) -> None:
-        self._close_write_fd()
+        self._close_writer()
         self.forget_read_handles()
