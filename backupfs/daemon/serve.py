@@ -235,15 +235,29 @@ class Daemon:
         log.info("scheduled snapshots every %s s, keeping %s", schedule.every, schedule.keep)
         while True:
             await trio.sleep(schedule.every)
-            try:
-                record = await self.control_snapshot(label=schedule.label)
-                log.info("scheduled snapshot %s taken", record["name"])
-                if not schedule.keep.is_empty():
-                    await self._prune(schedule.keep, dry_run=False)
-                if schedule.compact_threshold is not None:
-                    await self.control_compact(schedule.compact_threshold)
-            except Exception:
-                log.exception("scheduled snapshot failed")
+            record = await self._scheduled("snapshot", self.control_snapshot,
+                                           label=schedule.label)
+            if record is None:
+                continue
+            log.info("scheduled snapshot %s taken", record["name"])
+            if not schedule.keep.is_empty():
+                await self._scheduled("prune", self._prune, schedule.keep, dry_run=False)
+            if schedule.compact_threshold is not None:
+                await self._scheduled("compaction", self.control_compact,
+                                      schedule.compact_threshold)
+
+    @staticmethod
+    async def _scheduled(step: str, fn, *args, **kwargs):
+        """One step of the schedule: its result, or None once its failure is logged. A
+        failure the daemon expects (a full disk, a held snapshot) is one line, as it may
+        come back at every interval; anything else gets its traceback."""
+        try:
+            return await fn(*args, **kwargs)
+        except (OSError, BackupfsError) as e:
+            log.warning("scheduled %s failed: %s", step, e)
+        except Exception:
+            log.exception("scheduled %s failed", step)
+        return None
 
     # -- control socket operations (see control.py) -----------------------------------
 
