@@ -27,6 +27,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 if [ ! -x "$PJD/pjdfstest" ]; then
+    if ! command -v autoreconf >/dev/null || ! command -v make >/dev/null \
+            || ! command -v cc >/dev/null || ! command -v prove >/dev/null; then
+        echo "installing what building and running pjdfstest needs (autoconf, automake, gcc, make, perl)"
+        apt-get update -qq
+        apt-get install -y -qq autoconf automake gcc make perl >/dev/null
+    fi
     echo "building pjdfstest in $PJD"
     (cd "$PJD" && autoreconf -ifs >/dev/null && ./configure >/dev/null && make pjdfstest >/dev/null)
 fi
