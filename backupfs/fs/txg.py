@@ -47,11 +47,7 @@ class TransactionGroups:
             async with self.hold_still():
                 plan = self.store.packs.plan_sync()
                 if plan.files or plan.dirs:
-                    try:
-                        await trio.to_thread.run_sync(plan.run)
-                    except BaseException:
-                        self.store.packs.sync_failed(plan)
-                        raise
+                    await trio.to_thread.run_sync(self.store.packs.run_plan, plan)
                 self.store.packs.record_synced(plan)
                 cut = self.sizes_as_stored if failed is not None else contextlib.nullcontext
                 with cut():

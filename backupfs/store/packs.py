@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StoreError
@@ -65,12 +65,13 @@ class SyncPlan:
     """
 
     def __init__(self, files: list[Path], dirs: list[Path], lengths: dict[int, int],
-                 written=lambda: None):
+                 written: Callable[[], None] | None = None):
         self.files, self.dirs, self.lengths = files, dirs, lengths
         self.written = written  # waits until the pack writer has given the disk its bytes
 
     def run(self) -> None:
-        self.written()
+        if self.written is not None:
+            self.written()
         for path in self.files:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -249,21 +250,16 @@ class PackSet:
         which must happen only after this returns.
         """
         plan = self.plan_sync()
-        try:
-            plan.run()
-        except BaseException:
-            self.sync_failed(plan)
-            raise
+        self.run_plan(plan)
         return self.record_synced(plan)
 
     @_locked
     def plan_sync(self) -> "SyncPlan":
-        """Take what needs an fsync now; `SyncPlan.run` may then go to a worker thread
+        """Take what needs an fsync now; `run_plan` may then go to a worker thread
         while this thread goes on appending (those later appends wait for the next sync)."""
-        written = lambda: None  # noqa: E731
+        written = None
         if self._writer is not None and self._write_id in self._dirty:
-            writer, ticket = self._writer, self._writer.start_flush()
-            written = functools.partial(writer.wait_written, ticket)
+            written = functools.partial(self._writer.wait_written, self._writer.start_flush())
         plan = SyncPlan(
             files=[self.path(p) for p in sorted(self._dirty)],
             dirs=sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True),
@@ -274,12 +270,16 @@ class PackSet:
         self._dirs_to_sync.clear()
         return plan
 
-    @_locked
-    def sync_failed(self, plan: "SyncPlan") -> None:
-        """A plan that did not run to its end: its packs and directories wait for the next
-        sync, so that no commit records their lengths before they are on the disk."""
-        self._dirty.update(p for p in plan.lengths if p in self._lengths)
-        self._dirs_to_sync.update(plan.dirs)
+    def run_plan(self, plan: "SyncPlan") -> None:
+        """Run a plan (in any thread). If it fails, its packs and directories wait for the
+        next sync, so that no commit records their lengths before they are on the disk."""
+        try:
+            plan.run()
+        except BaseException:
+            with self._lock:
+                self._dirty.update(p for p in plan.lengths if p in self._lengths)
+                self._dirs_to_sync.update(plan.dirs)
+            raise
 
     @_locked
     def record_synced(self, plan: "SyncPlan") -> dict[int, int]:
