@@ -60,6 +60,26 @@ def _start_writeback_fn():
 start_writeback = _start_writeback_fn()
 
 
+def _reserve_fn():
+    """`fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, n)`: give the file disk blocks past its
+    end without changing its size, or raise OSError. None without libc's fallocate."""
+    fn = libc.function("fallocate",
+                       [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+    if fn is None:
+        return None
+    keep_size = 1  # FALLOC_FL_KEEP_SIZE
+
+    def reserve(fd: int, offset: int, n: int) -> None:
+        if fn(fd, keep_size, offset, n) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return reserve
+
+
+reserve_space = _reserve_fn()
+
+
 def short_write() -> OSError:
     # A short write means the disk is full; bytes past the pack's length are garbage
     # that the next write overwrites and a reopened store cuts off.
@@ -121,6 +141,9 @@ class PackWriter:
         self._direct_fd = open_direct(path) if direct else None
         self._written_back = length  # buffered mode: writeback started up to here
         self._flushed = length  # the stage's bytes before this are in the file too
+        # The disk has given the file blocks up to here (the thread's writes cannot fail
+        # for space there); None where the filesystem cannot reserve.
+        self._reserved: int | None = length if reserve_space is not None else None
         self._pool = pool if pool is not None else StagePool()
         # Guards the queue and what the thread has done; the thread takes only this.
         self._mu = threading.Condition(threading.Lock())
@@ -148,8 +171,8 @@ class PackWriter:
 
     @property
     def unwritten_bytes(self) -> int:
-        """Bytes appended that the disk has not been given yet (they need room on it)."""
-        if self._direct_fd is None:
+        """Bytes appended that the disk has neither been given nor reserved room for."""
+        if self._direct_fd is None or self._reserved is not None:
             return 0
         with self._mu:
             first = self._queue[0].start if self._queue else self._stage_start
@@ -166,12 +189,31 @@ class PackWriter:
             self._hand_over_whole_pages()
             if offset - self._stage_start + size > len(self._stage):
                 self._grow_stage(offset - self._stage_start + size)
+        self._reserve(offset + size)
         at = offset - self._stage_start
         for part in parts:
             self._stage[at:at + len(part)] = part
             at += len(part)
         self.length += size
         return offset
+
+    def _reserve(self, end: int) -> None:
+        """Have the disk's blocks for the file up to `end` before a record is accepted:
+        a buffered write finds out about a full disk in the write() itself, but the
+        thread's direct write comes later, when the record's block is already counted
+        and indexed. So the space is taken now, a stage at a time; ENOSPC here appends
+        nothing."""
+        if self._reserved is None or end <= self._reserved:
+            return
+        n = max(end - self._reserved, len(self._stage))
+        try:
+            reserve_space(self._direct_fd, self._reserved, n)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._reserved = None  # this filesystem cannot: the write finds out, later
+            return
+        self._reserved += n
 
     def _append_buffered(self, parts: tuple[bytes, ...], size: int) -> int:
         offset = self.length
@@ -321,6 +363,9 @@ class PackWriter:
         being removed). If that write fails, the writer stays open and keeps it."""
         if keep_staged:
             self.flush()
+            if self._reserved is not None and self._reserved > self.length:
+                # Give back the blocks reserved past the end (a same-size truncate does).
+                os.ftruncate(self._fd, self.length)
         if self._thread is not None:
             with self._mu:
                 if not keep_staged:

@@ -147,6 +147,7 @@ class PackSet:
         done, one line per action, for the log.
         """
         actions = []
+        newest = max(committed, default=None)
         for pack_id, path in sorted(self.on_disk().items()):
             if pack_id not in committed:
                 if not self.readonly:
@@ -158,6 +159,11 @@ class PackSet:
             if size > want and not self.readonly:
                 os.truncate(path, want)
                 actions.append(f"cut {size - want} uncommitted bytes from {path.name}")
+            elif pack_id == newest and not self.readonly:
+                # The pack last written may hold disk blocks reserved past its end by a
+                # writer that stopped (pack_writer.PackWriter._reserve): a truncate to
+                # the same size gives them back.
+                os.truncate(path, want)
         self._lengths = dict(committed)
         self._next_id = max(committed, default=0) + 1
         return actions
