@@ -159,10 +159,11 @@ class PackSet:
             if size > want and not self.readonly:
                 os.truncate(path, want)
                 actions.append(f"cut {size - want} uncommitted bytes from {path.name}")
-            elif pack_id == newest and not self.readonly:
+            elif size == want and pack_id == newest and not self.readonly:
                 # The pack last written may hold disk blocks reserved past its end by a
                 # writer that stopped (pack_writer.PackWriter._reserve): a truncate to
-                # the same size gives them back.
+                # the same size gives them back. (Never to a larger size: that would
+                # fill a damaged pack's missing tail with zeros and hide it from fsck.)
                 os.truncate(path, want)
         self._lengths = dict(committed)
         self._next_id = max(committed, default=0) + 1
