@@ -101,10 +101,12 @@ class Mount:
     """One mounted store. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, store: Path, mountpoint: Path, *options: str, txg_interval: float = 5.0,
-                 init: bool = True, init_args: tuple[str, ...] = (), log_path: Path | None = None):
+                 init: bool = True, init_args: tuple[str, ...] = (), log_path: Path | None = None,
+                 flags: tuple[str, ...] = ()):
         self.store = Path(store)
         self.path = Path(mountpoint)
         self.options = options
+        self.flags = flags  # more `backupfs mount` arguments, e.g. ("--writeback-cache",)
         self.txg_interval = txg_interval
         self.log_path = log_path or self.store.parent / f"{self.store.name}-daemon.log"
         self.proc: subprocess.Popen | None = None
@@ -118,7 +120,7 @@ class Mount:
         cmd = [*BACKUPFS, "mount", "-f", "--txg-interval", str(self.txg_interval)]
         for o in self.options:
             cmd += ["-o", o]
-        cmd += [str(self.store), str(self.path)]
+        cmd += [*self.flags, str(self.store), str(self.path)]
         self._log = open(self.log_path, "ab")
         self._log_start = self._log.tell()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,

@@ -177,6 +177,7 @@ def test_compact_under_a_running_mount(mount_factory):
     before = json.loads(backupfs("stats", m.path, "--json", "--quick").stdout)
     assert before["dead_bytes"] > 60_000_000
     failures, stop = [], threading.Event()
+    written = [0]  # bytes the writer below stored meanwhile, which compaction cannot free
 
     def reader():
         while not stop.is_set():
@@ -191,6 +192,7 @@ def test_compact_under_a_running_mount(mount_factory):
         i = 0
         while not stop.is_set():
             (m.path / f"new{i % 5}").write_bytes(os.urandom(100_000))
+            written[0] += 100_000
             i += 1
 
     threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
@@ -205,7 +207,8 @@ def test_compact_under_a_running_mount(mount_factory):
     assert failures == []
     assert r["packs_rewritten"] > 0 and r["bytes_freed"] > 50_000_000
     after = json.loads(backupfs("stats", m.path, "--json", "--quick").stdout)
-    assert after["pack_bytes"] < before["pack_bytes"] - 50_000_000
+    # Each 4 KiB block costs its record header too: 2% covers that.
+    assert after["pack_bytes"] < before["pack_bytes"] - 50_000_000 + written[0] * 1.02
     m.stop()
     code, report = fsck(m.store)
     assert code == 0, report

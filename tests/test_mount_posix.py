@@ -275,6 +275,32 @@ def test_o_append(d):
     assert p.read_bytes() == b"start\n" + b"".join(b"line %02d\n" % i for i in range(20))
 
 
+def test_write_only_opens_keep_readers_and_times_right(d):
+    """Write-only opens go past the kernel's page cache (direct_io). A reader holding the
+    file's pages sees their writes at once, and each write moves mtime, also while the
+    writer keeps the file open (the kernel would keep an mtime of its own under the
+    writeback cache, which a direct write never moves)."""
+    p = d / "f"
+    p.write_bytes(b"x" * 10_000)
+    r = os.open(p, os.O_RDONLY)
+    w = os.open(p, os.O_WRONLY)
+    try:
+        assert os.pread(r, 20_000, 0) == b"x" * 10_000  # now in the page cache
+        os.utime(p, ns=(10, 10))
+        os.pwrite(w, b"y" * 100, 5_000)
+        assert os.pread(r, 20_000, 0) == b"x" * 5_000 + b"y" * 100 + b"x" * 4_900
+        first = os.stat(p).st_mtime_ns
+        assert first > 10
+        time.sleep(0.02)
+        os.pwrite(w, b"z" * 10, 10_000)   # past the end: the reader sees the new size
+        assert os.stat(p).st_mtime_ns > first
+        assert os.pread(r, 20_000, 9_995) == b"x" * 5 + b"z" * 10
+    finally:
+        os.close(w)
+        os.close(r)
+    assert os.stat(p).st_size == 10_010
+
+
 def test_o_direct_works_or_einval_and_mount_survives(d):
     p = d / "direct"
     buf = ctypes.create_string_buffer(BS + 4096)

@@ -76,6 +76,10 @@ def test_a_crash_during_a_snapshot_deletion_is_finished_by_the_next_mount(mount_
     for share_freed in (0.1, 0.67):
         m.start()
         name = fill_and_cut(m)
+        deadline = time.monotonic() + 30
+        while (before := committed_deletion(m.store)[1]) < BLOCKS - 1:  # the cut's commit
+            assert time.monotonic() < deadline, before
+            time.sleep(0.01)
         marked, before = committed_deletion(m.store)
         assert not marked and before >= BLOCKS - 1  # the blocks cut off, the inode
         deleting = subprocess.Popen([*BACKUPFS, "delete", str(m.path), name],

@@ -94,13 +94,17 @@ def test_fstab_line_mounts_with_mount_a(root, detached):
     detached.add(store, mnt)
     fstab = root / "fstab"
     fstab.write_text(f"# test fstab\n{store} {mnt} fuse.backupfs "
-                     f"{FSTAB_NOISE},allow_other,noatime,txg_interval=1 0 0\n")
+                     f"{FSTAB_NOISE},allow_other,noatime,txg_interval=1,writeback_cache 0 0\n")
     r = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True, text=True,
                        timeout=90)
     assert r.returncode == 0, r.stderr
     assert is_mounted(mnt)
     per_mount, fs_opts = mount_options(mnt)
     assert "allow_other" in fs_opts.split(",") and "noatime" in per_mount.split(","), fs_opts
+    # The helper's own options became the daemon's flags.
+    daemon = int((store / "writer.pid").read_text())
+    argv = Path(f"/proc/{daemon}/cmdline").read_bytes().split(b"\0")
+    assert b"--writeback-cache" in argv and argv[argv.index(b"--txg-interval") + 1] == b"1"
     (mnt / "hello").write_text("from fstab\n")
     assert backupfs("list", mnt).stdout.strip() == "no snapshots"
     # `mount -a` again: the line is mounted already; nothing happens, and no error.

@@ -106,8 +106,10 @@ def test_a_failed_writeback_is_reported_and_held_data_stops_umount(small_disk,
                                                                    small_disk_mount):
     """A full disk is told, never papered over. Bytes the kernel could not hand over are
     named by the next snapshot; bytes the daemon holds and cannot store keep the mount
-    (and them) until there is space, or go only when umount is told to lose them."""
-    m = small_disk_mount(txg_interval=3600).start()
+    (and them) until there is space, or go only when umount is told to lose them.
+    Under the writeback cache, which holds a writer's bytes in the kernel; without it a
+    full disk fails the write() itself (test_a_full_disk_fails_the_write_itself)."""
+    m = small_disk_mount(txg_interval=3600, flags=("--writeback-cache",)).start()
     keep = os.urandom(2_000_000)
     write_file(m.path / "keep", keep)
     ballast = fill_disk(small_disk)
@@ -169,6 +171,32 @@ def test_a_failed_writeback_is_reported_and_held_data_stops_umount(small_disk,
     assert (m.path / "keep").read_bytes() == keep
     assert len(json.loads(backupfs("list", m.path, "--json").stdout)) == 2
     m.stop()
+
+
+def test_a_full_disk_fails_the_write_itself(small_disk, small_disk_mount):
+    """Without the writeback cache (the default) every write() reaches the daemon before
+    it returns, so a full disk is ENOSPC from that write(), through write-only opens (past
+    the page cache) and read-write ones (through it) alike, and nothing is left held
+    that a snapshot would have to leave out."""
+    m = small_disk_mount(txg_interval=3600).start()
+    keep = os.urandom(2_000_000)
+    write_file(m.path / "keep", keep)
+    ballast = fill_disk(small_disk)
+    for name, flags in (("wronly", os.O_WRONLY), ("rdwr", os.O_RDWR)):
+        fd = os.open(m.path / name, flags | os.O_CREAT, 0o644)
+        try:
+            with pytest.raises(OSError) as e:
+                for _ in range(64):
+                    os.write(fd, os.urandom(1 << 20))
+            assert e.value.errno == errno.ENOSPC, name
+        finally:
+            os.close(fd)
+    r = backupfs("snapshot", m.path)
+    assert r.stderr == "", r.stderr
+    assert (m.path / "keep").read_bytes() == keep
+    ballast.unlink()
+    m.stop()
+    fsck_clean(m.store)
 
 
 def test_sigterm_on_a_full_disk_ends_files_at_their_stored_bytes(small_disk,

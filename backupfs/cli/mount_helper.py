@@ -15,6 +15,7 @@ Options of its own (in fstab, joined to the others with commas):
     txg_interval=SECONDS   backupfs mount --txg-interval
     log_file=PATH          backupfs mount --log-file
     control_group=GROUP    backupfs mount --control-group
+    writeback_cache        backupfs mount --writeback-cache
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "gr
 IGNORED_PREFIXES = ("x-", "X-", "comment=")
 FLAG_OPTIONS = {"txg_interval": "--txg-interval", "log_file": "--log-file",
                 "control_group": "--control-group"}
+SWITCH_OPTIONS = {"writeback_cache": "--writeback-cache"}
 USAGE = "usage: mount.fuse.backupfs STORE MOUNTPOINT [-sfnv] [-o OPTIONS]"
 
 
@@ -45,6 +47,8 @@ def translate(options: list[str]) -> tuple[list[str], list[str]]:
             continue
         if name in FLAG_OPTIONS and eq:
             extra += [FLAG_OPTIONS[name], value]
+        elif o in SWITCH_OPTIONS:
+            extra.append(SWITCH_OPTIONS[o])
         else:
             fuse.append(o)
     return fuse, extra

@@ -88,7 +88,7 @@ def _keep_finishing_on_signals() -> None:
 class Daemon:
     def __init__(self, store_path: str | os.PathLike, mountpoint: str | os.PathLike,
                  options: list[str] | None = None, txg_interval: float = DEFAULT_TXG_INTERVAL,
-                 writeback_cache: bool = True, control_group: str | None = None):
+                 writeback_cache: bool = False, control_group: str | None = None):
         self.store_path = Path(os.path.realpath(store_path))
         self.control_group = control_group
         self.mountpoint = Path(os.path.realpath(mountpoint))

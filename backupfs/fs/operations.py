@@ -116,14 +116,16 @@ class FileHandle:
 
 
 class BackupFS(pyfuse3.Operations):
-    enable_writeback_cache = True
+    # Off by default: see _file_info and docs/performance.md, "Write-only opens past the
+    # page cache". pyfuse3 reads this when the kernel connects.
+    enable_writeback_cache = False
     # NFS export: the kernel finds an inode it no longer caches (after memory pressure or
     # a restart of the daemon) from a file handle by looking up "." in it, and a
     # directory's parent by "..". See _dot_lookup.
     supports_dot_lookup = True
 
     def __init__(self, store, namespace, txg: TransactionGroups | None = None,
-                 writeback_cache: bool = True):
+                 writeback_cache: bool = False):
         super().__init__()
         self.store = store
         self.ns = namespace
@@ -393,7 +395,7 @@ class BackupFS(pyfuse3.Operations):
         fh = next(self._fh)
         self.files[fh] = FileHandle(attr.ino, writable=True)
         self.open_count[attr.ino] += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._remember(attr)
+        return self._file_info(fh, flags), self._remember(attr)
 
     @fuse_handler
     @changes_live_tree
@@ -468,7 +470,17 @@ class BackupFS(pyfuse3.Operations):
             self.slot_handles[slot] += 1
         else:
             self.open_count[ino] += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return self._file_info(fh, flags)
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        # A write-only open can neither read nor be mapped, so it loses nothing by going
+        # past the kernel's page cache (direct_io): each write() comes to us as the
+        # writer makes it, with no copy into fresh page-cache pages and no
+        # security.capability GETXATTR before it (both dear on this VM; a 1 GiB write ran
+        # twice as fast). Not under the writeback cache: the kernel then keeps mtime
+        # itself, ignores ours, and a direct write never moves its own.
+        direct = not self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
     def _handle(self, fh) -> FileHandle:
         h = self.files.get(fh)
