@@ -104,7 +104,7 @@ def test_fstab_line_mounts_with_mount_a(root, detached):
     # The helper's own options became the daemon's flags.
     daemon = int((store / "writer.pid").read_text())
     argv = Path(f"/proc/{daemon}/cmdline").read_bytes().split(b"\0")
-    assert b"--writeback-cache" in argv and argv[argv.index(b"--txg-interval") + 1] == b"1"
+    assert b"--writeback-cache" in argv and float(argv[argv.index(b"--txg-interval") + 1]) == 1
     (mnt / "hello").write_text("from fstab\n")
     assert backupfs("list", mnt).stdout.strip() == "no snapshots"
     # `mount -a` again: the line is mounted already; nothing happens, and no error.
