@@ -56,7 +56,7 @@ def shared_mount(tmp_path_factory):
     # Other uids must reach the mountpoint: pytest's own tmp directory is 0700.
     top = Path(tempfile.mkdtemp(prefix="backupfs-posix-"))
     os.chmod(top, 0o755)
-    m = Mount(base / "store", top / "mnt", "allow_other")
+    m = Mount(base / "store", top / "mnt", "allow_other", "suid")  # suid: exec tests
     try:
         m.start()
         yield m
@@ -749,6 +749,52 @@ def test_new_files_belong_to_the_caller(d):
     assert _as_user(4321, 8765, lambda: os.mkdir(d / "sgid" / "sub")) == 0
     st = os.stat(d / "sgid" / "sub")
     assert st.st_gid == 999 and st.st_mode & stat.S_ISGID and st.st_uid == 4321
+
+
+def test_a_write_by_another_user_clears_set_id_bits(d):
+    """As ext4 does: a write by someone other than root drops set-user-ID, and
+    set-group-ID where group execute is set, whether the file was opened for writing
+    only (past the page cache, so the daemon clears them) or for reading and writing
+    (the kernel does); root's writes keep them."""
+    for flags in (os.O_WRONLY, os.O_RDWR):
+        for mode, left in ((0o6777, 0o0777), (0o2767, 0o2767), (0o4777, 0o0777)):
+            p = d / f"setid-{flags}-{mode:o}"
+            p.write_bytes(b"x")
+            os.chmod(p, mode)
+
+            def write():
+                fd = os.open(p, flags)
+                try:
+                    os.write(fd, b"y")
+                finally:
+                    os.close(fd)
+
+            assert _as_user(4321, 8765, write) == 0
+            assert stat.S_IMODE(os.stat(p).st_mode) == left, (flags, oct(mode))
+            assert p.read_bytes() == b"y"
+            os.chmod(p, mode)
+            write()  # as root
+            assert stat.S_IMODE(os.stat(p).st_mode) == mode, (flags, oct(mode))
+
+
+def test_a_program_another_user_wrote_to_runs_without_its_set_uid(d):
+    """The kernel checks exec against the mode it caches: after another user's write
+    cleared set-user-ID, the program runs as its caller, not as its owner."""
+    p = d / "id"
+    shutil.copy("/usr/bin/id", p)
+    os.chmod(p, 0o4777)
+    assert os.stat(p).st_mode & stat.S_ISUID  # the kernel caches the mode with the bit
+
+    def append_then_run():
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"\0")  # past the ELF image: still runs
+        finally:
+            os.close(fd)
+        euid = subprocess.run([p, "-u"], capture_output=True, text=True, check=True).stdout
+        assert euid.strip() == "4321", euid
+
+    assert _as_user(4321, 8765, append_then_run) == 0
 
 
 def test_statfs_reports_the_store_disk(shared_mount):

@@ -113,6 +113,9 @@ class DirHandle:
 class FileHandle:
     kernel_ino: int
     writable: bool
+    # Past the page cache, opened by someone other than root: its writes clear the
+    # set-user-ID and set-group-ID bits, which the kernel clears only for cached writes.
+    clears_setid: bool = False
 
 
 class BackupFS(pyfuse3.Operations):
@@ -393,9 +396,12 @@ class BackupFS(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self._create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         fh = next(self._fh)
-        self.files[fh] = FileHandle(attr.ino, writable=True)
+        direct = self._direct(flags)
+        self.files[fh] = FileHandle(attr.ino, writable=True,
+                                    clears_setid=direct and ctx.uid != 0)
         self.open_count[attr.ino] += 1
-        return self._file_info(fh, flags), self._remember(attr)
+        info = pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
+        return info, self._remember(attr)
 
     @fuse_handler
     @changes_live_tree
@@ -465,22 +471,22 @@ class BackupFS(pyfuse3.Operations):
                     now = time.time_ns()
                     self.live.setattr(ino, size=0, mtime_ns=now, ctime_ns=now)
         fh = next(self._fh)
-        self.files[fh] = FileHandle(inode, writable)
+        direct = self._direct(flags)
+        self.files[fh] = FileHandle(inode, writable, clears_setid=direct and ctx.uid != 0)
         if slot:
             self.slot_handles[slot] += 1
         else:
             self.open_count[ino] += 1
-        return self._file_info(fh, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
-    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+    def _direct(self, flags: int) -> bool:
         # A write-only open can neither read nor be mapped, so it loses nothing by going
         # past the kernel's page cache (direct_io): each write() comes to us as the
         # writer makes it, with no copy into fresh page-cache pages and no
-        # security.capability GETXATTR before it (both dear on this VM; a 1 GiB write ran
-        # twice as fast). Not under the writeback cache: the kernel then keeps mtime
-        # itself, ignores ours, and a direct write never moves its own.
-        direct = not self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
+        # security.capability GETXATTR before it (docs/performance.md, "Write-only opens
+        # past the page cache"). Not under the writeback cache: the kernel then keeps
+        # mtime itself, ignores ours, and a direct write never moves its own.
+        return not self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY
 
     def _handle(self, fh) -> FileHandle:
         h = self.files.get(fh)
@@ -504,7 +510,20 @@ class BackupFS(pyfuse3.Operations):
         # data (both are in flight at once). Stamping "now" here would then overwrite
         # the kernel's time with a later one, and a remount shows another mtime.
         now = None if self.enable_writeback_cache else time.time_ns()
+        if h.clears_setid:
+            await self._clear_setid(h.kernel_ino, ino, now)
         return await self.data.write(ino, off, buf, now)
+
+    async def _clear_setid(self, kernel_ino: int, ino: int, now: int) -> None:
+        """What the kernel does before a cached write by someone without CAP_FSETID, as
+        ext4 does: drop set-user-ID, and set-group-ID where group execute makes it one
+        (without it the bit marks mandatory locking). The kernel is then told, as it
+        checks permissions against the mode it caches."""
+        mode = self.live.getattr(ino).mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            self.live.setattr(ino, mode=mode & ~kill, ctime_ns=now)
+            await _tell_kernel(pyfuse3.invalidate_inode, kernel_ino, True)
 
     @fuse_handler
     async def flush(self, fh):
