@@ -48,8 +48,9 @@ def _split_options(values: tuple[str, ...]) -> list[str]:
 @click.option("--writeback-cache/--no-writeback-cache", default=False, show_default=True,
               help="Let the kernel cache writes and send them later: faster small writes "
                    "through read-write opens, but write-only opens then go through the page "
-                   "cache too (half the speed of a big copy here), and a snapshot holds "
-                   "only what the kernel has sent (guide.md, \"Mount\").")
+                   "cache too (slower big copies), a full disk shows only at fsync or "
+                   "close, and a snapshot holds only what the kernel has sent (guide.md, "
+                   "\"Mount and unmount\").")
 @click.option("--control-group", metavar="GROUP",
               help="Let GROUP's members run snapshot, list and the other control commands "
                    "(control.sock mode 0660); overrides [control] group in config.toml.")

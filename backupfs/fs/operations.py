@@ -119,8 +119,8 @@ class FileHandle:
 
 
 class BackupFS(pyfuse3.Operations):
-    # Off by default: see _file_info and docs/performance.md, "Write-only opens past the
-    # page cache". pyfuse3 reads this when the kernel connects.
+    # Off by default: see _open_handle and docs/performance.md, "Write-only opens past
+    # the page cache". pyfuse3 reads this when the kernel connects.
     enable_writeback_cache = False
     # NFS export: the kernel finds an inode it no longer caches (after memory pressure or
     # a restart of the daemon) from a file handle by looking up "." in it, and a
@@ -395,12 +395,8 @@ class BackupFS(pyfuse3.Operations):
     @changes_live_tree
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self._create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
-        fh = next(self._fh)
-        direct = self._direct(flags)
-        self.files[fh] = FileHandle(attr.ino, writable=True,
-                                    clears_setid=direct and ctx.uid != 0)
+        info = self._open_handle(attr.ino, True, flags, ctx)
         self.open_count[attr.ino] += 1
-        info = pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
         return info, self._remember(attr)
 
     @fuse_handler
@@ -470,23 +466,25 @@ class BackupFS(pyfuse3.Operations):
                 else:
                     now = time.time_ns()
                     self.live.setattr(ino, size=0, mtime_ns=now, ctime_ns=now)
-        fh = next(self._fh)
-        direct = self._direct(flags)
-        self.files[fh] = FileHandle(inode, writable, clears_setid=direct and ctx.uid != 0)
+        info = self._open_handle(inode, writable, flags, ctx)
         if slot:
             self.slot_handles[slot] += 1
         else:
             self.open_count[ino] += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
+        return info
 
-    def _direct(self, flags: int) -> bool:
+    def _open_handle(self, kernel_ino: int, writable: bool, flags: int,
+                     ctx) -> pyfuse3.FileInfo:
         # A write-only open can neither read nor be mapped, so it loses nothing by going
         # past the kernel's page cache (direct_io): each write() comes to us as the
         # writer makes it, with no copy into fresh page-cache pages and no
         # security.capability GETXATTR before it (docs/performance.md, "Write-only opens
         # past the page cache"). Not under the writeback cache: the kernel then keeps
         # mtime itself, ignores ours, and a direct write never moves its own.
-        return not self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY
+        direct = not self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY
+        fh = next(self._fh)
+        self.files[fh] = FileHandle(kernel_ino, writable, clears_setid=direct and ctx.uid != 0)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
     def _handle(self, fh) -> FileHandle:
         h = self.files.get(fh)
