@@ -34,12 +34,36 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                            ctypes.c_uint]
 libc.syncfs.argtypes = [ctypes.c_int]
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+PROT_READ, MAP_SHARED, PAGE = 1, 1, os.sysconf("SC_PAGE_SIZE")
 
 
 def renameat2(old, new, flags: int) -> None:
     if libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(old))
+
+
+def cached_pages(path, size: int) -> int:
+    """How many of the file's first `size` bytes' pages the kernel's page cache holds
+    (mincore of a mapping that is never touched, so mapping it brings nothing in). No
+    stat: a fresh mtime from the daemon would make the kernel drop the pages first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vec = ctypes.create_string_buffer((size + PAGE - 1) // PAGE)
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
 
 
 def errno_of(fn, *args) -> int:
@@ -282,6 +306,12 @@ def test_write_only_opens_keep_readers_and_times_right(d):
     writeback cache, which a direct write never moves)."""
     p = d / "f"
     p.write_bytes(b"x" * 10_000)
+    assert cached_pages(p, 10_000) == 0  # past the page cache
+    q = d / "g"
+    fd = os.open(q, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"x" * 10_000)
+    os.close(fd)
+    assert cached_pages(q, 10_000) > 0   # what a write through the page cache leaves
     r = os.open(p, os.O_RDONLY)
     w = os.open(p, os.O_WRONLY)
     try:
