@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
-from backupfs.store import CompactResult, Store, block_hash, index
+from backupfs.store import CompactResult, Store, block_hash, codec, index, pack_maps
 from backupfs.store.blockstore import INLINE_HASH_MAX, INLINE_READ_MAX, cpu_limiter
 from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.compaction import PackCompaction
@@ -600,10 +600,13 @@ def test_the_index_is_read_around_only_while_it_fits_in_memory(tmp_path, monkeyp
 
 
 def test_read_cached_gives_up_for_good_where_nowait_is_refused(opened, monkeypatch):
+    """Where packs cannot be mapped, cached records are copied with RWF_NOWAIT; where
+    that is refused too, every read goes to a worker."""
     s = opened.store
     h = s.blocks.put(b"on a filesystem without RWF_NOWAIT")
     s.commit()
     loc, packs = s.blocks.locate(h), s.blocks.packs
+    monkeypatch.setattr(packs, "_maps", None)
     calls = []
 
     def refuse(*args):
@@ -615,6 +618,134 @@ def test_read_cached_gives_up_for_good_where_nowait_is_refused(opened, monkeypat
         assert packs.read_cached(loc.pack_id, loc.offset, loc.record_len) is None
     assert len(calls) == 1
     assert s.blocks.get(h) == b"on a filesystem without RWF_NOWAIT"
+
+
+def evict(path) -> None:
+    """Take a file's pages out of the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_cached_records_are_read_in_place_and_others_never(opened):
+    """A record the page cache holds is a view of the mapped pack, not a copy; one it
+    does not hold is declined, so the event loop never waits in a page fault (nor meets
+    the disk's errors there, as SIGBUS)."""
+    s = opened.store
+    block = random_block(random.Random(17), 64 * KiB)
+    h = s.blocks.put(block)
+    s.commit()
+    loc, packs = s.blocks.locate(h), s.blocks.packs
+    path = packs.path(loc.pack_id)
+    evict(path)
+    assert packs.read_cached(loc.pack_id, loc.offset, loc.record_len) is None
+    whole = packs.read(loc.pack_id, loc.offset, loc.record_len)  # brings the pages in
+    view = packs.read_cached(loc.pack_id, loc.offset, loc.record_len)
+    assert isinstance(view, memoryview) and view == whole
+    del view
+    packs.forget_read_handles()  # unmaps the pages, which eviction leaves alone
+    evict(path)
+    assert packs.read_cached(loc.pack_id, loc.offset, loc.record_len) is None
+    path.read_bytes()
+    assert s.blocks.get(h) == block
+
+
+def test_mapped_packs_grow_and_outlive_their_removal(opened, monkeypatch):
+    s = opened.store
+    rng = random.Random(18)
+    first = s.blocks.put(random_block(rng, 64 * KiB))
+    s.commit()
+    packs = s.blocks.packs
+    loc1 = s.blocks.locate(first)
+    packs.path(loc1.pack_id).read_bytes()
+    view = packs.read_cached(loc1.pack_id, loc1.offset, loc1.record_len)
+    assert view is not None
+    # A record appended after the pack was mapped lies past the mapping's end.
+    second = s.blocks.put(random_block(rng, 64 * KiB))
+    s.commit()
+    loc2 = s.blocks.locate(second)
+    assert loc2.pack_id == loc1.pack_id and loc2.offset >= len(view) + loc1.offset
+    packs.path(loc2.pack_id).read_bytes()
+    assert packs.read_cached(loc2.pack_id, loc2.offset, loc2.record_len) == \
+        packs.read(loc2.pack_id, loc2.offset, loc2.record_len)
+    # Removing the pack forgets its mapping; a view a reader holds stays readable.
+    before = bytes(view)
+    packs.remove(loc1.pack_id)
+    assert packs.read_cached(loc1.pack_id, loc1.offset, loc1.record_len) is None
+    assert bytes(view) == before
+
+
+def test_pages_read_in_place_are_unmapped_as_reading_goes_on(opened, monkeypatch):
+    """Mapped pages count in the daemon's resident memory: they are unmapped (left to
+    the page cache) every RELEASE_EVERY bytes read through a mapping."""
+    monkeypatch.setattr(pack_maps, "RELEASE_EVERY", 256 * KiB)
+    s = opened.store
+    rng = random.Random(20)
+    blocks = [random_block(rng, 64 * KiB) for _ in range(16)]
+    hashes = [s.blocks.put(b) for b in blocks]
+    s.commit()
+    packs = s.blocks.packs
+    path = packs.path(s.blocks.locate(hashes[0]).pack_id)
+    path.read_bytes()
+    mapped = []
+    for h, b in zip(hashes, blocks):
+        loc = s.blocks.locate(h)
+        view = packs.read_cached(loc.pack_id, loc.offset, loc.record_len)
+        assert codec.decode_record(view, h, loc.pack_id, loc.offset) == b
+        mapped.append(resident_mapped_kib(path))
+    assert max(mapped) <= 256 + 64 + 8
+    assert mapped[3] >= 4 * 64 and mapped[4] < mapped[3]
+
+
+def resident_mapped_kib(path) -> int:
+    """KiB of this process's mappings of `path` that are mapped in (smaps' Rss)."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                ours = len(fields) >= 6 and fields[5] == str(path)
+            elif ours and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_pack_mappings_are_bounded(opened, monkeypatch):
+    monkeypatch.setattr(pack_maps, "MAX_MAPPED", 2)
+    s = opened.reopen(rotate_size=64 * KiB)
+    rng = random.Random(19)
+    blocks = [random_block(rng, 48 * KiB) for _ in range(4)]
+    hashes = [s.blocks.put(b) for b in blocks]
+    s.commit()
+    locs = [s.blocks.locate(h) for h in hashes]
+    assert len({loc.pack_id for loc in locs}) == 4
+    for path in pack_files(s.path).values():
+        path.read_bytes()
+    for _ in range(2):
+        for loc, h, b in zip(locs, hashes, blocks):
+            view = s.blocks.packs.read_cached(loc.pack_id, loc.offset, loc.record_len)
+            assert codec.decode_record(view, h, loc.pack_id, loc.offset) == b
+    assert list(s.blocks.packs._maps._maps) == [locs[2].pack_id, locs[3].pack_id]
+
+
+def test_packs_that_cannot_be_mapped_are_copied_for_good(opened, monkeypatch):
+    s = opened.store
+    h = s.blocks.put(b"on a filesystem without mmap")
+    s.commit()
+    loc, packs = s.blocks.locate(h), s.blocks.packs
+    packs.path(loc.pack_id).read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(pack_maps.mmap, "mmap", refuse)
+    got = packs.read_cached(loc.pack_id, loc.offset, loc.record_len)
+    assert isinstance(got, bytearray)  # RWF_NOWAIT's copy
+    assert packs._maps is None
+    assert s.blocks.get(h) == b"on a filesystem without mmap"
 
 
 async def test_put_many_hashes_a_small_batch_without_a_thread_hop(opened, thread_hops):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StoreError
+from .pack_maps import PackMaps
 from .pack_writer import PackWriter, StagePool
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class PackSet:
         self._reads_in_flight: dict[int, int] = {}
         self._close_when_idle: set[int] = set()
         self._nowait_works = hasattr(os, "preadv")
+        self._maps = PackMaps(self.path) if PackMaps.available() else None
         self._write_id: int | None = None
         self._writer: PackWriter | None = None
         self._next_id = 1
@@ -339,6 +341,8 @@ class PackSet:
             fd = self._read_fds.pop(pack_id, None)
             if fd is not None:
                 self._close_read_fd(fd)
+        if self._maps is not None:
+            self._maps.forget(pack_id)
         self._lengths.pop(pack_id, None)
         self._dirty.discard(pack_id)
         try:
@@ -367,14 +371,26 @@ class PackSet:
                 return None
             return self._writer.read_staged(offset, length)
 
-    def read_cached(self, pack_id: int, offset: int, length: int) -> bytes | bytearray | None:
+    def read_cached(self, pack_id: int, offset: int, length: int) -> bytes | memoryview | None:
         """All `length` bytes if the page cache holds them, else None, without ever waiting
-        for the disk (RWF_NOWAIT), so that the event loop may call it. A miss still starts
-        the kernel's read-ahead, which the reader that then waits for the disk will find
-        under way."""
+        for the disk, so that the event loop may call it. Where the pack can be mapped,
+        the bytes are a view of the mapping, read in place (pack_maps.py)."""
         staged = self._read_staged(pack_id, offset, length)
         if staged is not None:
             return staged if len(staged) == length else None
+        if self._maps is not None:
+            try:
+                return self._maps.view_if_cached(pack_id, offset, length)
+            except (OSError, ValueError) as e:
+                log.info("%s cannot map pack files (%s): cached records are copied",
+                         self.root, e)
+                self._maps = None
+        return self._read_nowait(pack_id, offset, length)
+
+    def _read_nowait(self, pack_id: int, offset: int, length: int) -> bytearray | None:
+        """A copy of the bytes if the page cache holds them (`preadv2(RWF_NOWAIT)`). A
+        miss still starts the kernel's read-ahead, which the reader that then waits for
+        the disk will find under way."""
         if not self._nowait_works:
             return None
         buf = bytearray(length)
@@ -432,6 +448,8 @@ class PackSet:
             os.close(fd)
 
     def forget_read_handles(self) -> None:
+        if self._maps is not None:
+            self._maps.forget_all()
         with self._read_lock:
             fds, self._read_fds = self._read_fds, {}
             for fd in fds.values():
