@@ -477,7 +477,7 @@ async def test_flipped_byte_is_never_returned(store_dir, where, kind, monkeypatc
         with pytest.raises(CorruptBlock):  # cached: checked in this thread
             await s.blocks.get_many([other, h])
         with monkeypatch.context() as mp:  # not cached: checked by a worker thread
-            mp.setattr(s.blocks.packs, "read_cached", lambda *a: None)
+            mp.setattr(s.blocks.packs, "read_cached_many", lambda wanted: [None] * len(wanted))
             with pytest.raises(CorruptBlock):
                 await s.blocks.get_many([other, h])
         assert s.blocks.checksum_errors == 5
@@ -575,10 +575,11 @@ async def test_cached_blocks_are_read_without_a_thread_hop(opened, thread_hops,
     assert len(thread_hops) == 3
     # A record not in the page cache: read_cached declines it, and a worker waits for
     # the disk; the cached one beside it is still checked here.
-    read_cached = s.blocks.packs.read_cached
+    read_cached_many = s.blocks.packs.read_cached_many
     text_at = s.blocks.locate(h_text).offset
-    monkeypatch.setattr(s.blocks.packs, "read_cached", lambda pack, offset, n:
-                        None if offset == text_at else read_cached(pack, offset, n))
+    monkeypatch.setattr(s.blocks.packs, "read_cached_many", lambda wanted: [
+        None if offset == text_at else got
+        for (_, offset, _), got in zip(wanted, read_cached_many(wanted))])
     assert await s.blocks.get_many([h_small, h_text]) == [small, text]
     assert len(thread_hops) == 4
 
@@ -653,6 +654,42 @@ def test_cached_records_are_read_in_place_and_others_never(opened):
     assert s.blocks.get(h) == block
 
 
+def test_one_reads_records_are_checked_together(opened, monkeypatch):
+    """A READ's records in one pack cost one mincore, and each is judged by its own
+    pages: one whose pages left the cache is declined while its neighbours are read."""
+    s = opened.store
+    rng = random.Random(21)
+    blocks = [random_block(rng, 64 * KiB) for _ in range(5)]
+    hashes = [s.blocks.put(b) for b in blocks]
+    s.commit()
+    locs = [s.blocks.locate(h) for h in hashes]
+    packs = s.blocks.packs
+    path = packs.path(locs[0].pack_id)
+    path.read_bytes()
+    middle = locs[2]
+    fd = os.open(path, os.O_RDONLY)
+    try:  # the pages that hold the middle record and no byte of another
+        start = -(-middle.offset // 4096) * 4096
+        os.posix_fadvise(fd, start, middle.offset + middle.record_len - 4096 - start,
+                         os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    calls = []
+    mincore = pack_maps._mincore
+    monkeypatch.setattr(pack_maps, "_mincore", lambda *a: calls.append(a) or mincore(*a))
+    got = packs.read_cached_many([(loc.pack_id, loc.offset, loc.record_len) for loc in locs])
+    assert len(calls) == 1
+    assert [g is None for g in got] == [False, False, True, False, False]
+    for loc, h, b, g in zip(locs, hashes, blocks, got):
+        if g is not None:
+            assert codec.decode_record(g, h, loc.pack_id, loc.offset) == b
+    # Far apart (more than HULL_MAX between them): one mincore each.
+    monkeypatch.setattr(pack_maps, "HULL_MAX", 64 * KiB)
+    calls.clear()
+    packs.read_cached_many([(loc.pack_id, loc.offset, loc.record_len) for loc in locs[:2]])
+    assert len(calls) == 2
+
+
 def test_mapped_packs_grow_and_outlive_their_removal(opened, monkeypatch):
     s = opened.store
     rng = random.Random(18)
@@ -680,23 +717,25 @@ def test_mapped_packs_grow_and_outlive_their_removal(opened, monkeypatch):
 
 def test_pages_read_in_place_are_unmapped_as_reading_goes_on(opened, monkeypatch):
     """Mapped pages count in the daemon's resident memory: they are unmapped (left to
-    the page cache) every RELEASE_EVERY bytes read through a mapping."""
+    the page cache) every RELEASE_EVERY bytes read, in every pack read meanwhile."""
     monkeypatch.setattr(pack_maps, "RELEASE_EVERY", 256 * KiB)
-    s = opened.store
+    s = opened.reopen(rotate_size=640 * KiB)
     rng = random.Random(20)
-    blocks = [random_block(rng, 64 * KiB) for _ in range(16)]
+    blocks = [random_block(rng, 64 * KiB) for _ in range(24)]
     hashes = [s.blocks.put(b) for b in blocks]
     s.commit()
     packs = s.blocks.packs
-    path = packs.path(s.blocks.locate(hashes[0]).pack_id)
-    path.read_bytes()
+    paths = list(pack_files(s.path).values())
+    assert len(paths) >= 2
+    for path in paths:
+        path.read_bytes()
     mapped = []
     for h, b in zip(hashes, blocks):
         loc = s.blocks.locate(h)
         view = packs.read_cached(loc.pack_id, loc.offset, loc.record_len)
         assert codec.decode_record(view, h, loc.pack_id, loc.offset) == b
-        mapped.append(resident_mapped_kib(path))
-    assert max(mapped) <= 256 + 64 + 8
+        mapped.append(sum(resident_mapped_kib(path) for path in paths))
+    assert max(mapped) <= 256 + 64 + 2 * 64  # fault-around may map up to 64 KiB more a pack
     assert mapped[3] >= 4 * 64 and mapped[4] < mapped[3]
 
 

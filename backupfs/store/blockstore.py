@@ -315,12 +315,16 @@ class BlockStore:
             raise CorruptBlock(loc.hash, loc.pack_id, loc.offset, "pack file is missing")
         return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
 
-    def _read_here_if_cached(self, loc: BlockLocation) -> bytes | None:
-        """The block read and checked in the calling (event loop) thread if the page cache
-        holds its record; else None, and the caller goes to a worker thread."""
-        record = self.packs.read_cached(loc.pack_id, loc.offset, loc.record_len)
-        if record is None:
-            return None
+    def _read_here_if_cached(self, locs: Sequence[BlockLocation]) -> list[bytes | None]:
+        """The blocks read and checked in the calling (event loop) thread where the page
+        cache holds their records; None for the others, which the caller reads in a
+        worker thread."""
+        records = self.packs.read_cached_many(
+            [(loc.pack_id, loc.offset, loc.record_len) for loc in locs])
+        return [None if record is None else self._check_here(loc, record)
+                for loc, record in zip(locs, records)]
+
+    def _check_here(self, loc: BlockLocation, record: bytes | memoryview) -> bytes:
         try:
             return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
         except CorruptBlock as e:
@@ -357,8 +361,7 @@ class BlockStore:
         locs = [self.locate(h) for h in hashes]
         out: list[bytes | None] = [None] * len(locs)
         if sum(loc.raw_len for loc in locs) <= INLINE_READ_MAX:
-            for i, loc in enumerate(locs):
-                out[i] = self._read_here_if_cached(loc)
+            out = self._read_here_if_cached(locs)
         missing = [i for i, data in enumerate(out) if data is None]
         failed: dict[int, CorruptBlock] = {}
 

@@ -372,20 +372,41 @@ class PackSet:
             return self._writer.read_staged(offset, length)
 
     def read_cached(self, pack_id: int, offset: int, length: int) -> bytes | memoryview | None:
-        """All `length` bytes if the page cache holds them, else None, without ever waiting
-        for the disk, so that the event loop may call it. Where the pack can be mapped,
-        the bytes are a view of the mapping, read in place (pack_maps.py)."""
-        staged = self._read_staged(pack_id, offset, length)
-        if staged is not None:
-            return staged if len(staged) == length else None
-        if self._maps is not None:
-            try:
-                return self._maps.view_if_cached(pack_id, offset, length)
-            except (OSError, ValueError) as e:
-                log.info("%s cannot map pack files (%s): cached records are copied",
-                         self.root, e)
-                self._maps = None
-        return self._read_nowait(pack_id, offset, length)
+        """All `length` bytes if the page cache holds them, else None (read_cached_many)."""
+        return self.read_cached_many([(pack_id, offset, length)])[0]
+
+    def read_cached_many(self, wanted: list[tuple[int, int, int]]
+                         ) -> list[bytes | memoryview | None]:
+        """For each (pack, offset, length), all its bytes if the page cache holds them,
+        else None, without ever waiting for the disk, so that the event loop may call it.
+        Where packs can be mapped, the bytes are views of the mappings, read in place
+        (pack_maps.py)."""
+        out: list[bytes | memoryview | None] = [None] * len(wanted)
+        by_pack: dict[int, list[int]] = {}
+        for i, (pack_id, offset, length) in enumerate(wanted):
+            staged = self._read_staged(pack_id, offset, length)
+            if staged is not None:
+                out[i] = staged if len(staged) == length else None
+            else:
+                by_pack.setdefault(pack_id, []).append(i)
+        for pack_id, idx in by_pack.items():
+            views = self._mapped(pack_id, [wanted[i][1:] for i in idx])
+            for n, i in enumerate(idx):
+                out[i] = views[n] if views is not None else self._read_nowait(*wanted[i])
+        return out
+
+    def _mapped(self, pack_id: int, ranges: list[tuple[int, int]]) -> list | None:
+        """Views of the cached ones among these records of a pack, or None if packs
+        cannot be mapped here."""
+        if self._maps is None:
+            return None
+        try:
+            return self._maps.views_if_cached(pack_id, ranges)
+        except (OSError, ValueError) as e:
+            log.info("%s cannot map pack files (%s): cached records are copied",
+                     self.root, e)
+            self._maps = None
+            return None
 
     def _read_nowait(self, pack_id: int, offset: int, length: int) -> bytearray | None:
         """A copy of the bytes if the page cache holds them (`preadv2(RWF_NOWAIT)`). A
