@@ -137,6 +137,17 @@ def test_verify_resumes_after_max_duration(tmp_path):
     assert second["finished"] and second["checked"] == 320 and second["bad"] == []
 
 
+def test_stats_count_a_hard_linked_file_once(tmp_path):
+    path = tmp_path / "s"
+    build_store(path, {b"big": os.urandom(3 * BS)}, snapshots=0)
+    with Store.open(path) as store:
+        ns = Namespace(store)
+        ns.live.link(ns.live.child(ROOT_INO, b"big"), ROOT_INO, b"big-again", 10**18)
+    st = json.loads(backupfs("stats", path, "--json").stdout)
+    assert st["live"] == {"files": 1, "logical_bytes": 3 * BS, "referenced_bytes": 3 * BS}
+    assert st["dedup_ratio"] == 1.0
+
+
 def test_stats_match_sizes_computed_independently(tmp_path):
     path = tmp_path / "s"
     rnd, text = os.urandom(3 * BS), b"compressible " * 1000

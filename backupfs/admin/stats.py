@@ -17,8 +17,14 @@ from .verify import LAST_NAME, walk_files
 
 
 def view_usage(view, locations: dict) -> dict:
+    """Files, logical and referenced bytes of a view, each file once however many hard
+    links name it (as `du` counts; a hard link is not a copy)."""
     logical = referenced = files = 0
+    seen: set[int] = set()
     for _, attr in walk_files(view):
+        if attr.ino in seen:
+            continue
+        seen.add(attr.ino)
         files += 1
         logical += attr.size
         for _, h in view.block_range(attr.ino):
