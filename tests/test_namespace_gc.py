@@ -262,3 +262,25 @@ def test_garbage_collection_reads_no_more_than_its_budget(ns, monkeypatch):
         assert len(pulled) <= 101 * calls
     assert calls == 20 and blocks.refcount(h) == 1  # the put's own reference
     check_versions_exact(ns)
+
+
+def test_a_deleted_snapshots_name_is_not_given_again(ns):
+    """Two snapshots in one second are T and T-2; after both are deleted, the next in
+    that second is T-3, and the name given last survives a reopen of the store."""
+    second = 1_700_000_000 * 10**9
+    first = ns.snapshot(now_ns=second)
+    again = ns.snapshot(now_ns=second + 1)
+    assert again.name == first.name + "-2"
+    ns.delete_snapshot(again.id)
+    ns.delete_snapshot(first.id)
+    assert ns.snapshot(now_ns=second + 2).name == first.name + "-3"
+    path = ns.store.path
+    ns.store.close()
+    with Store.open(path) as store:
+        reopened = Namespace(store)
+        for r in reopened.snapshots():
+            reopened.delete_snapshot(r.id)
+        assert reopened.snapshot(now_ns=second + 3).name == first.name + "-4"
+        # The next second starts again at its plain name.
+        later = reopened.snapshot(now_ns=second + 10**9)
+        assert later.name != first.name and "-" not in later.name[10:]

@@ -39,9 +39,18 @@ def base_name(created_ns: int) -> str:
     return datetime.fromtimestamp(created_ns // 10**9, timezone.utc).strftime(NAME_FORMAT)
 
 
-def unique_name(created_ns: int, taken: set[str]) -> str:
+def unique_name(created_ns: int, taken: set[str], last_given: str | None = None) -> str:
+    """The second's name, or with -2, -3 ... where it is taken; never one at or before
+    `last_given` in that second either, so that a deleted snapshot's name is not given to
+    another (a Samba client's @GMT token or a cached path would find other contents)."""
     name = base = base_name(created_ns)
     n = 1
+    if last_given == base:
+        n = 2
+    elif last_given is not None and last_given.startswith(base + "-"):
+        n = int(last_given[len(base) + 1:]) + 1
+    if n > 1:
+        name = f"{base}-{n}"
     while name in taken:
         n += 1
         name = f"{base}-{n}"
@@ -64,9 +73,9 @@ class Catalog:
         self.store.txn.put(U64.pack(r.id), json.dumps(value).encode(), db=self.db)
 
     def add(self, snap_id: int, epoch: int, label: str | None, hold: bool,
-            now_ns: int | None = None) -> SnapshotRecord:
+            now_ns: int | None = None, last_given: str | None = None) -> SnapshotRecord:
         created = time.time_ns() if now_ns is None else now_ns
-        name = unique_name(created, {r.name for r in self.records})
+        name = unique_name(created, {r.name for r in self.records}, last_given)
         r = SnapshotRecord(snap_id, name, label, created, epoch, hold)
         self._save(r)
         self.records.append(r)

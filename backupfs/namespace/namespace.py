@@ -28,6 +28,7 @@ from .view import NamespaceView
 log = logging.getLogger(__name__)
 
 _EPOCH, _NEXT_INO, _NEXT_SNAPSHOT = b"epoch", b"next_ino", b"next_snapshot"
+_LAST_SNAPSHOT_NAME = b"last_snapshot_name"
 FIRST_EPOCH = 1
 
 
@@ -125,7 +126,10 @@ class Namespace:
         epoch = self.epoch
         snap_id = self._counter(_NEXT_SNAPSHOT)
         self._set_counter(_NEXT_SNAPSHOT, snap_id + 1)
-        record = self.catalog.add(snap_id, epoch, label, hold, now_ns)
+        last = self.store.txn.get(_LAST_SNAPSHOT_NAME, db=self.meta)
+        record = self.catalog.add(snap_id, epoch, label, hold, now_ns,
+                                  None if last is None else bytes(last).decode())
+        self.store.txn.put(_LAST_SNAPSHOT_NAME, record.name.encode(), db=self.meta)
         self._snapshot_epochs.append(epoch)
         self._set_counter(_EPOCH, epoch + 1)
         self._epoch = epoch + 1
