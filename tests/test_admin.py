@@ -244,3 +244,19 @@ def test_verify_and_stats_on_a_running_mount(mounted):
     assert st["daemon"]["checksum_errors"] == 0
     # The mount kept serving throughout.
     assert (mounted.path / "b").read_bytes() == b"text " * 100_000
+
+
+def test_stats_shows_its_walk_of_the_views(tmp_path, capsys):
+    """A walk of every snapshot can take long: a bar counts the views (when asked, or on
+    a terminal), and nothing is shown in a script."""
+    from backupfs.admin.stats import store_stats
+
+    path = tmp_path / "s"
+    build_store(path, {b"f": os.urandom(2 * BS)}, snapshots=3)
+    with Store.open(path, readonly=True) as store:
+        ns = Namespace(store)
+        store_stats(store, ns, show_progress=True)
+        shown = capsys.readouterr().err
+        assert "stats:" in shown and "/4.00" in shown and "view/s" in shown  # 4 views
+        store_stats(store, ns)  # not a terminal here: silent
+        assert capsys.readouterr().err == ""

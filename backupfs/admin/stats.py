@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .progress import progress_bar
 from .verify import LAST_NAME, walk_files
 
 
@@ -50,7 +51,9 @@ def unique_bytes(ns, record, locations: dict) -> int:
                if h in locations and locations[h].refcount == n)
 
 
-def store_stats(store, ns, per_view: bool = True) -> dict:
+def store_stats(store, ns, per_view: bool = True, show_progress: bool | None = None) -> dict:
+    """The store's figures, and each view's unless `per_view` is false: that walks the
+    live tree and every snapshot, with a progress bar (one step a view) on a terminal."""
     locations = {loc.hash: loc for loc in store.blocks.iter_locations()}
     live_blocks = [loc for loc in locations.values() if loc.refcount]
     raw = sum(loc.raw_len for loc in live_blocks)
@@ -72,12 +75,17 @@ def store_stats(store, ns, per_view: bool = True) -> dict:
                               "bad_blocks": len(v.get("bad", []))}
     if not per_view:
         return out
-    out["live"] = view_usage(ns.live, locations)
-    total_referenced = out["live"]["referenced_bytes"]
-    for r in ns.snapshots():
-        usage = view_usage(ns.view(r.epoch), locations)
-        total_referenced += usage["referenced_bytes"]
-        out["snapshots"].append({"name": r.name, "label": r.label, "hold": r.hold, **usage,
-                                 "unique_bytes": unique_bytes(ns, r, locations)})
+    snapshots = ns.snapshots()
+    with progress_bar("stats", total=1 + len(snapshots), unit="view",
+                      enabled=show_progress) as bar:
+        out["live"] = view_usage(ns.live, locations)
+        bar.update()
+        total_referenced = out["live"]["referenced_bytes"]
+        for r in snapshots:
+            usage = view_usage(ns.view(r.epoch), locations)
+            total_referenced += usage["referenced_bytes"]
+            out["snapshots"].append({"name": r.name, "label": r.label, "hold": r.hold,
+                                     **usage, "unique_bytes": unique_bytes(ns, r, locations)})
+            bar.update()
     out["dedup_ratio"] = round(total_referenced / raw, 3) if raw else None
     return out
