@@ -562,11 +562,16 @@ async def test_cached_blocks_are_read_without_a_thread_hop(opened, thread_hops,
     h_small, h_text, h_big = s.blocks.put(small), s.blocks.put(text), s.blocks.put(big)
     s.commit()
     # Appends go past the page cache; a read of the pack brings its pages in, as the
-    # kernel's read-ahead does for a restore.
-    for path in pack_files(s.path).values():
-        path.read_bytes()
-    assert await s.blocks.get_many([h_small, h_text]) == [small, text]
-    assert await s.blocks.get_async(h_small) == small
+    # kernel's read-ahead does for a restore. (Again if this VM's own reclaim took a
+    # page back meanwhile: see cached_record.)
+    for _ in range(20):
+        thread_hops.clear()
+        for path in pack_files(s.path).values():
+            path.read_bytes()
+        assert await s.blocks.get_many([h_small, h_text]) == [small, text]
+        assert await s.blocks.get_async(h_small) == small
+        if not thread_hops:
+            break
     assert thread_hops == []
     # More than a READ's worth in one call: workers check them, one hop per thread.
     assert await s.blocks.get_many([h_big]) == [big]
@@ -580,7 +585,13 @@ async def test_cached_blocks_are_read_without_a_thread_hop(opened, thread_hops,
     monkeypatch.setattr(s.blocks.packs, "read_cached_many", lambda wanted: [
         None if offset == text_at else got
         for (_, offset, _), got in zip(wanted, read_cached_many(wanted))])
-    assert await s.blocks.get_many([h_small, h_text]) == [small, text]
+    for _ in range(20):
+        del thread_hops[3:]
+        for path in pack_files(s.path).values():
+            path.read_bytes()
+        assert await s.blocks.get_many([h_small, h_text]) == [small, text]
+        if len(thread_hops) == 4:
+            break
     assert len(thread_hops) == 4
 
 
