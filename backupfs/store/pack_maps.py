@@ -79,13 +79,13 @@ class PackMaps:
         """For each (offset, length) of the pack, its bytes in place if every page of
         it is cached, else None (also where the pack is gone or shorter than that).
         Records near each other (one READ's) are checked with one `mincore`."""
+        lo = min(off for off, _ in ranges)
+        hi = max(off + n for off, n in ranges)
         with self._lock:
-            m = self._mapping(pack_id, max(off + n for off, n in ranges))
+            m = self._mapping(pack_id, hi)
             if m is None:
                 return [None] * len(ranges)
             self._count_read(m, sum(n for _, n in ranges))
-            lo = min(off for off, _ in ranges)
-            hi = max(off + n for off, n in ranges)
             if hi - lo <= HULL_MAX:
                 first, cached = self._cached_pages(m, lo, hi - lo)
                 return [self._view_if_all_in(m, first, cached, off, n) for off, n in ranges]

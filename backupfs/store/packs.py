@@ -37,6 +37,8 @@ RESERVE_MAX = 256 * 1024 * 1024
 SPACE_RECHECK = 64 * 1024 * 1024
 # preadv2's flag for "fail with EAGAIN rather than wait for the disk" (Linux 4.14).
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x00000008)
+# A cached record: staged bytes, a view of a mapped pack, or RWF_NOWAIT's copy.
+Cached = bytes | memoryview | bytearray
 
 
 def _locked(method):
@@ -371,17 +373,16 @@ class PackSet:
                 return None
             return self._writer.read_staged(offset, length)
 
-    def read_cached(self, pack_id: int, offset: int, length: int) -> bytes | memoryview | None:
+    def read_cached(self, pack_id: int, offset: int, length: int) -> Cached | None:
         """All `length` bytes if the page cache holds them, else None (read_cached_many)."""
         return self.read_cached_many([(pack_id, offset, length)])[0]
 
-    def read_cached_many(self, wanted: list[tuple[int, int, int]]
-                         ) -> list[bytes | memoryview | None]:
+    def read_cached_many(self, wanted: list[tuple[int, int, int]]) -> list[Cached | None]:
         """For each (pack, offset, length), all its bytes if the page cache holds them,
         else None, without ever waiting for the disk, so that the event loop may call it.
         Where packs can be mapped, the bytes are views of the mappings, read in place
         (pack_maps.py)."""
-        out: list[bytes | memoryview | None] = [None] * len(wanted)
+        out: list[Cached | None] = [None] * len(wanted)
         by_pack: dict[int, list[int]] = {}
         for i, (pack_id, offset, length) in enumerate(wanted):
             staged = self._read_staged(pack_id, offset, length)
