@@ -101,8 +101,9 @@ def unique_bytes(ns, record, locations: dict) -> int:
 
 
 def store_stats(store, ns, per_view: bool = True, show_progress: bool | None = None) -> dict:
-    """The store's figures, and each view's unless `per_view` is false: that walks the
-    live tree and every snapshot, with a progress bar (one step a view) on a terminal."""
+    """The store's figures, and each view's unless `per_view` is false (`usage_by_view`:
+    the oldest view in full, then what changed), with a progress bar (one step a view)
+    on a terminal."""
     locations = {loc.hash: loc for loc in store.blocks.iter_locations()}
     live_blocks = [loc for loc in locations.values() if loc.refcount]
     raw = sum(loc.raw_len for loc in live_blocks)

@@ -25,6 +25,7 @@ from .compaction import CompactResult
 from .config import Compression
 
 if TYPE_CHECKING:
+    from .packs import Cached
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class BlockStore:
         return [None if record is None else self._check_here(loc, record)
                 for loc, record in zip(locs, records)]
 
-    def _check_here(self, loc: BlockLocation, record: bytes | memoryview) -> bytes:
+    def _check_here(self, loc: BlockLocation, record: Cached) -> bytes:
         try:
             return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
         except CorruptBlock as e:
