@@ -85,38 +85,63 @@ def encode(data: bytes | memoryview, compression: Compression,
     return EncodedBlock(h, CODEC_RAW, len(data), data)
 
 
+def _checked_payload(record: bytes | memoryview, expected_hash: bytes, pack_id: int,
+                     offset: int) -> tuple[int, int, memoryview]:
+    """(codec, raw length, stored bytes) of a record whose framing names `expected_hash`."""
+    if len(record) < RECORD_HEADER_LEN:
+        raise CorruptBlock(expected_hash, pack_id, offset, "record is cut short")
+    magic, codec, _, raw_len, stored_len, h = RECORD_HEADER.unpack_from(record)
+    if magic != RECORD_MAGIC:
+        raise CorruptBlock(expected_hash, pack_id, offset, "bad record magic")
+    if h != expected_hash:
+        raise CorruptBlock(expected_hash, pack_id, offset, "record header names another block")
+    payload = memoryview(record)[RECORD_HEADER_LEN:]
+    if len(payload) != stored_len:
+        raise CorruptBlock(expected_hash, pack_id, offset,
+                           "stored length does not match the record")
+    if codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise CorruptBlock(expected_hash, pack_id, offset, f"unknown codec {codec}")
+    return codec, raw_len, payload
+
+
 def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int) -> bytes:
     """Check a record read from a pack and return the block's plaintext.
 
     Raises CorruptBlock on any mismatch: framing, lengths, decompression or hash.
     Never returns bytes whose BLAKE3 hash is not `expected_hash`.
     """
-
-    def corrupt(reason: str) -> CorruptBlock:
-        return CorruptBlock(expected_hash, pack_id, offset, reason)
-
-    if len(record) < RECORD_HEADER_LEN:
-        raise corrupt("record is cut short")
-    magic, codec, _, raw_len, stored_len, h = RECORD_HEADER.unpack_from(record)
-    if magic != RECORD_MAGIC:
-        raise corrupt("bad record magic")
-    if h != expected_hash:
-        raise corrupt("record header names another block")
-    payload = memoryview(record)[RECORD_HEADER_LEN:]
-    if len(payload) != stored_len:
-        raise corrupt("stored length does not match the record")
+    codec, raw_len, payload = _checked_payload(record, expected_hash, pack_id, offset)
     if codec == CODEC_RAW:
         data = bytes(payload)
-    elif codec == CODEC_ZSTD:
+    else:
         try:
             data = _decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
-            raise corrupt(f"zstd: {e}") from None
-    else:
-        raise corrupt(f"unknown codec {codec}")
+            raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
     if len(data) != raw_len or block_hash(data) != expected_hash:
-        raise corrupt("checksum mismatch")
+        raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
     return data
+
+
+def decode_record_into(record: bytes | memoryview, expected_hash: bytes, dest: memoryview,
+                       pack_id: int, offset: int) -> None:
+    """`decode_record` writing the plaintext into `dest` (exactly the block's raw length)
+    instead of new bytes. The hash is checked over `dest` once written, so what the
+    caller hands on from there is exactly what was verified."""
+    codec, raw_len, payload = _checked_payload(record, expected_hash, pack_id, offset)
+    if len(dest) != raw_len:
+        raise CorruptBlock(expected_hash, pack_id, offset, "raw length differs from the index")
+    if codec == CODEC_RAW:
+        dest[:] = payload
+    else:
+        try:
+            got = _decompressor().stream_reader(payload, read_across_frames=False).readinto(dest)
+        except zstandard.ZstdError as e:
+            raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
+        if got != raw_len:
+            raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
+    if block_hash(dest) != expected_hash:
+        raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
 
 
 def parse_record_header(header: bytes) -> tuple[int, int, int, bytes] | None:
