@@ -87,6 +87,17 @@ def drop_page_cache() -> None:
         f.write("1")
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Damage a file (a pack) at `offset`, durably: one bit of one byte."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def is_mounted(path: Path) -> bool:
     path = str(Path(path).resolve())
     with open("/proc/self/mountinfo") as f:

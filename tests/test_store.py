@@ -30,6 +30,8 @@ from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
 from backupfs.store.compaction import PackCompaction
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
+from mounting import flip_byte
+
 KiB = 1024
 
 
@@ -439,16 +441,6 @@ def test_garbage_only_tail_is_ignored_by_readonly_open(store_dir):
 
 
 # -- corruption --------------------------------------------------------------------------
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @pytest.mark.parametrize("where", ["payload", "header", "last"])

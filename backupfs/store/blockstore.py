@@ -22,6 +22,7 @@ from ..errors import CorruptBlock, MissingBlock
 from . import codec, compaction
 from .codec import RECORD_HEADER_LEN, EncodedBlock
 from .compaction import CompactResult
+from .decode_pool import DecodePool
 from .config import Compression
 
 if TYPE_CHECKING:
@@ -127,6 +128,8 @@ class BlockStore:
         self.dead_db = store.open_db("dead")
         self.checksum_errors = 0
         self._storing: dict[bytes, trio.Event] = {}  # hash -> set when its put_many ends
+        self.decoders: DecodePool | None = None  # started for get_run (use_decoders)
+        self._decoders_wanted = 0
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -353,6 +356,47 @@ class BlockStore:
         """`get` without blocking the event loop: the reading and checking happen in a
         worker thread, unless the block's record is in the page cache (see get_many)."""
         return (await self.get_many([h]))[0]
+
+    def use_decoders(self, processes: int) -> None:
+        """Let get_run read blocks in `processes` decoder processes (decode_pool.py),
+        started when it is first called: a mount that never reads a stored block (or a
+        test that mounts to list a directory) starts none."""
+        self._decoders_wanted = processes
+
+    def _decode_pool(self) -> DecodePool | None:
+        if self.decoders is None and self._decoders_wanted:
+            n, self._decoders_wanted = self._decoders_wanted, 0
+            try:
+                self.decoders = DecodePool(self.packs.root, n)
+            except OSError as e:
+                log.warning("cannot start decoder processes (%s): blocks are read in the "
+                            "daemon", e)
+        return self.decoders
+
+    def stop_decoders(self) -> None:
+        if self.decoders is not None:
+            self.decoders, pool = None, self.decoders
+            pool.close()
+
+    async def get_run(self, hashes: Sequence[bytes], block_size: int) -> memoryview | None:
+        """Blocks' plaintexts end to end, read and verified by a decoder process, where
+        every block but the last is `block_size` long; None where that is not so, or no
+        decoder is idle, or a record is in the pack being written (its bytes may still be
+        in this process's memory), or the decoder met any failure: get_many then reads
+        them here, and reports what is corrupt.
+
+        The view is valid only until the calling task next waits (DecodePool.decode_run)."""
+        pool = self._decode_pool()
+        if pool is None:
+            return None
+        locs = [self.locate(h) for h in hashes]
+        writing = self.packs.current_pack
+        last = len(locs) - 1
+        if any(loc.pack_id == writing or (i < last and loc.raw_len != block_size)
+               for i, loc in enumerate(locs)):
+            return None
+        return await pool.decode_run(
+            [(loc.pack_id, loc.offset, loc.record_len, loc.raw_len, loc.hash) for loc in locs])
 
     async def get_many(self, hashes: Sequence[bytes]) -> list[bytes]:
         """Verified plaintexts of many blocks. Those whose records are in the page cache

@@ -1,0 +1,158 @@
+"""Decoder processes (decoder.py), seen from the daemon's event loop.
+
+Each process owns one slot of a shared memory region and takes one request at a time: a
+READ's blocks, decoded end to end into its slot. The loop sends the request, waits for
+the answer without blocking, and replies to the kernel straight from the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import trio
+
+from ..errors import BackupfsError
+from .decoder import MAX_RECORDS, OK, RECORD, REPLY, REQUEST
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+SLOT_SIZE = 1 << 20  # the most one FUSE READ asks for (256 pages)
+
+
+def decoder_count(config: dict) -> int:
+    """`[read] decoders` of config.toml: how many decoder processes a mount starts, by
+    default one per core; 0 reads every block in the daemon's own process."""
+    table = config.get("read", {})
+    if not isinstance(table, dict):
+        raise BackupfsError("config.toml [read]: must be a table")
+    n = table.get("decoders", os.cpu_count() or 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64:
+        raise BackupfsError(f"config.toml [read] decoders: a number from 0 to 64, not {n!r}")
+    return n
+
+
+@dataclass
+class _Decoder:
+    proc: subprocess.Popen
+    sock: socket.socket
+    slot: memoryview
+    requests: int = 0
+
+
+class DecodePool:
+    def __init__(self, pack_root: Path, processes: int, slot_size: int = SLOT_SIZE):
+        self.slot_size = slot_size
+        self._idle: list[_Decoder] = []
+        self._all: list[_Decoder] = []
+        self._shm: mmap.mmap | None = None
+        size = slot_size * processes
+        fd = os.memfd_create("backupfs-decode", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._shm = mmap.mmap(fd, size)
+            view = memoryview(self._shm)
+            for i in range(processes):
+                self._start(pack_root, fd, i * slot_size, view[i * slot_size:(i + 1) * slot_size])
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(fd)
+
+    def _start(self, pack_root: Path, shm_fd: int, start: int, slot: memoryview) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            # Run from the directory this package was imported from (`-m` looks in the
+            # working directory first): the processes run the daemon's own code.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "backupfs.store.decoder", str(theirs.fileno()),
+                 str(shm_fd), str(start), str(len(slot)), str(Path(pack_root).resolve())],
+                pass_fds=(theirs.fileno(), shm_fd), stdin=subprocess.DEVNULL,
+                cwd=_PACKAGE_PARENT)
+        ours.setblocking(False)
+        d = _Decoder(proc, ours, slot)
+        self._idle.append(d)
+        self._all.append(d)
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for d in self._all if d.proc.returncode is None)
+
+    async def decode_run(self, records: Sequence[tuple[int, int, int, int, bytes]]
+                         ) -> memoryview | None:
+        """The plaintexts of (pack, offset, record length, raw length, hash) records end
+        to end, read and verified by an idle decoder process; None if none is idle, the
+        blocks do not fit a slot or the decoder reports any failure.
+
+        The view is the decoder's slot, which it gets again as this returns: it stays as
+        it is until the calling task next waits (a trio checkpoint), since only another
+        task can send that decoder a request. pyfuse3 replies to a READ before then."""
+        if (not self._idle or len(records) > MAX_RECORDS
+                or sum(r[3] for r in records) > self.slot_size):
+            return None
+        d = self._idle.pop()
+        d.requests = (d.requests + 1) & 0xFFFFFFFF
+        parts = [REQUEST.pack(d.requests, len(records))]
+        out = 0
+        for pack_id, offset, record_len, raw_len, h in records:
+            parts.append(RECORD.pack(pack_id, offset, record_len, raw_len, out, h))
+            out += raw_len
+        reply = await self._ask(d, b"".join(parts))
+        if reply is None:
+            self._lost(d)
+            return None
+        self._idle.append(d)
+        req_id, status = REPLY.unpack(reply)
+        return d.slot[:out] if status == OK and req_id == d.requests else None
+
+    async def _ask(self, d: _Decoder, request: bytes) -> bytes | None:
+        """Send a request and wait for its answer; None if the process is gone."""
+        try:
+            d.sock.send(request)
+        except OSError:
+            return None
+        # Shielded: until it answers, the process may still write into the slot.
+        with trio.CancelScope(shield=True):
+            while True:
+                await trio.lowlevel.wait_readable(d.sock)
+                try:
+                    reply = d.sock.recv(REPLY.size)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return None
+                return reply if len(reply) == REPLY.size else None
+
+    def _lost(self, d: _Decoder) -> None:
+        d.sock.close()
+        code = d.proc.wait()
+        log.warning("decoder process %d ended (status %s); %d left, blocks are read in "
+                    "the daemon", d.proc.pid, code, self.alive)
+
+    def close(self) -> None:
+        """Stop every process (closing its socket ends it) and wait for it."""
+        for d in self._all:
+            d.sock.close()
+        for d in self._all:
+            try:
+                d.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()
+        self._idle = []
+        for d in self._all:
+            d.slot.release()
+        if self._shm is not None:
+            try:
+                self._shm.close()
+            except BufferError:
+                pass  # a view of a slot is still held somewhere: freed with it
