@@ -28,6 +28,7 @@ from ..snapshots.retention import KeepPolicy, decide
 from ..snapshots.schedule import Schedule
 from ..store import Store
 from ..store.compaction import CompactResult, PackCompaction
+from ..store.decode_pool import decoder_count
 from .control import ControlServer, control_group, share_store, snapshot_dict
 from .protocol import SOCKET_NAME
 from .mountinfo import SOURCE_PREFIX, backupfs_mounts, find_mount, set_read_ahead_once_serving
@@ -37,7 +38,10 @@ log = logging.getLogger("backupfs.daemon")
 DEFAULT_TXG_INTERVAL = 5.0
 MAX_UNIX_PATH = 108  # sun_path, with its terminating NUL
 GC_BUDGET = 20000
-READ_AHEAD_KB = 1024  # the most one FUSE request carries (256 pages)
+# Two of the largest READs one request carries (256 pages) in flight, one for each
+# decoder process (a cold 1 GiB read, interleaved: 505-587 MB/s against 382-523 at 1 MiB;
+# without decoders 2 MiB read as 1 MiB did).
+READ_AHEAD_KB = 2048
 ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw",
                    "nodev", "nosuid", "dev", "suid", "exec", "noexec", "atime"}
 
@@ -117,6 +121,7 @@ class Daemon:
             share_store(self.store_path, self.control_gid)
             ns = Namespace(store)
             store.commit()
+            store.blocks.use_decoders(decoder_count(store.config.extra))
             self.ops = BackupFS(store, ns, writeback_cache=self.writeback_cache)
             try:
                 pyfuse3.init(self.ops, str(self.mountpoint), self.options)
@@ -132,13 +137,14 @@ class Daemon:
                                     for m in backupfs_mounts())
                 pyfuse3.close(unmount=still_mounted)
         finally:
+            store.blocks.stop_decoders()
             store.close(commit=True)
             log.info("store %s closed", self.store_path)
 
     async def _raise_read_ahead(self) -> None:
         """Let the kernel read ahead READ_AHEAD_KB, not its default 128 KiB: a sequential
-        read then comes as 1 MiB requests, a round trip per eight blocks instead of per
-        block (what a cold `cp` out of a snapshot is bound by). Only root may; without
+        read then comes as 1 MiB requests, two at once, a round trip per eight blocks
+        instead of per block (what a cold `cp` out of a snapshot is bound by). Only root may; without
         it, reads work as before."""
         try:
             await set_read_ahead_once_serving(self.mountpoint, READ_AHEAD_KB)
