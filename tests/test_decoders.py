@@ -120,8 +120,10 @@ async def test_runs_a_decoder_cannot_take_are_declined(blocks):
     s.blocks.use_decoders(1)
     # A short block before the last: the run would not be the file's bytes end to end.
     assert await s.blocks.get_run([hashes[4], hashes[0]], BS) is None
-    # More than a slot (1 MiB) holds.
+    # More than a slot holds: 1 MiB and a block (a READ of 1 MiB starting inside a block).
     assert await s.blocks.get_run(hashes[:4] * 3, BS) is None
+    nine = hashes[:4] * 2 + [hashes[4]]
+    assert bytes(await s.blocks.get_run(nine, BS)) == b"".join(data[:4] * 2 + [data[4]])
     # Its one decoder busy: the second of two reads at once is declined.
     got = []
 
@@ -175,13 +177,13 @@ async def test_a_decoder_that_dies_is_dropped(blocks, caplog):
 
 def test_decoders_end_with_their_pool_or_its_process(blocks):
     s, hashes, data = blocks
-    pool = DecodePool(s.packs.root, 2)
+    pool = DecodePool(s.packs.root, 2, BS)
     assert len(decoder_pids(os.getpid(), expect=2)) == 2
     pool.close()
     assert decoder_pids(os.getpid()) == []
     # A daemon killed outright closes its sockets all the same: the processes see the
     # end of the stream and leave (here: the sockets closed without the wait).
-    pool = DecodePool(s.packs.root, 1)
+    pool = DecodePool(s.packs.root, 1, BS)
     assert len(decoder_pids(os.getpid(), expect=1)) == 1
     for d in pool._all:
         d.sock.close()

@@ -367,7 +367,7 @@ class BlockStore:
         if self.decoders is None and self._decoders_wanted:
             n, self._decoders_wanted = self._decoders_wanted, 0
             try:
-                self.decoders = DecodePool(self.packs.root, n)
+                self.decoders = DecodePool(self.packs.root, n, self.store.config.block_size)
             except OSError as e:
                 log.warning("cannot start decoder processes (%s): blocks are read in the "
                             "daemon", e)

@@ -25,7 +25,7 @@ from .decoder import MAX_RECORDS, OK, RECORD, REPLY, REQUEST
 log = logging.getLogger(__name__)
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
-SLOT_SIZE = 1 << 20  # the most one FUSE READ asks for (256 pages)
+READ_MAX = 1 << 20  # the most one FUSE READ asks for (256 pages)
 
 
 def decoder_count(config: dict) -> int:
@@ -49,8 +49,9 @@ class _Decoder:
 
 
 class DecodePool:
-    def __init__(self, pack_root: Path, processes: int, slot_size: int = SLOT_SIZE):
-        self.slot_size = slot_size
+    def __init__(self, pack_root: Path, processes: int, block_size: int):
+        # A READ that starts inside a block spans one block more than its size.
+        self.slot_size = slot_size = READ_MAX + block_size
         self._idle: list[_Decoder] = []
         self._all: list[_Decoder] = []
         self._shm: mmap.mmap | None = None

@@ -38,7 +38,7 @@ RECORD = struct.Struct(">IQIII32s")
 # Reply: id, 0 if every block is in place and verified, else 1
 REPLY = struct.Struct(">IB")
 OK, FAILED = 0, 1
-MAX_RECORDS = 256
+MAX_RECORDS = 257  # a READ of 1 MiB over 4 KiB blocks, starting inside one
 MAX_REQUEST = REQUEST.size + MAX_RECORDS * RECORD.size
 
 
