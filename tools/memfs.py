@@ -4,7 +4,7 @@
 It does as little as a pyfuse3 filesystem can: files live in bytearrays, directories in
 dicts; no hashing, no compression, no index. It is configured the way backupfs is (long
 entry/attr timeouts, writeback cache, a getxattr that answers at once: EOPNOTSUPP for
-ACLs and SELinux labels, ENOATTR for the rest; 1 MiB read-ahead), so the difference
+ACLs and SELinux labels, ENOATTR for the rest; the same read-ahead), so the difference
 between the two is what backupfs's own work costs, not FUSE or pyfuse3.
 
     tools/memfs.py MOUNTPOINT [-o allow_other] [--discard-data]
