@@ -28,13 +28,17 @@ _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 READ_MAX = 1 << 20  # the most one FUSE READ asks for (256 pages)
 
 
+DEFAULT_DECODERS_MAX = 4  # ~16 MB each; a sequential read keeps two busy
+
+
 def decoder_count(config: dict) -> int:
     """`[read] decoders` of config.toml: how many decoder processes a mount starts, by
-    default one per core; 0 reads every block in the daemon's own process."""
+    default one per core up to DEFAULT_DECODERS_MAX; 0 reads every block in the
+    daemon's own process."""
     table = config.get("read", {})
     if not isinstance(table, dict):
         raise BackupfsError("config.toml [read]: must be a table")
-    n = table.get("decoders", os.cpu_count() or 1)
+    n = table.get("decoders", min(os.cpu_count() or 1, DEFAULT_DECODERS_MAX))
     if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64:
         raise BackupfsError(f"config.toml [read] decoders: a number from 0 to 64, not {n!r}")
     return n
@@ -134,10 +138,17 @@ class DecodePool:
                 return reply if len(reply) == REPLY.size else None
 
     def _lost(self, d: _Decoder) -> None:
+        """Drop a decoder whose socket failed; the process is ended if it has not."""
         d.sock.close()
-        code = d.proc.wait()
-        log.warning("decoder process %d ended (status %s); %d left, blocks are read in "
-                    "the daemon", d.proc.pid, code, self.alive)
+        code = d.proc.poll()
+        if code is None:
+            d.proc.kill()
+            d.proc.wait()
+            what = "stopped answering and was killed"
+        else:
+            what = f"ended (status {code})"
+        log.warning("decoder process %d %s; %d left, the daemon reads blocks itself "
+                    "when none is free", d.proc.pid, what, self.alive)
 
     def close(self) -> None:
         """Stop every process (closing its socket ends it) and wait for it."""
