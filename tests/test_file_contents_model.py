@@ -1,6 +1,7 @@
 """File contents against a bytearray: random writes, truncates, reads and fsyncs on one
 file through the Operations (no kernel), with the background sealers on or off, must read
-back exactly what the model holds, before and after the store is closed and reopened.
+back exactly what the model holds, before and after the store is closed and reopened
+(then with or without a decoder process).
 
 This covers the dirty-buffer layer where it is subtle: a block buffered as a view of the
 write that covered it whole and then changed in part, a block written again while it is
@@ -110,26 +111,43 @@ async def run_ops(ops, sealers: bool, root: Path) -> bytes:
     return bytes(model)
 
 
-async def read_back(root: Path) -> bytes:
+async def read_back(root: Path, decoders: bool) -> bytes:
+    """The whole file after a reopen, checked piece by piece against itself too; with
+    `decoders`, every read of stored blocks a decoder process can take goes to one."""
     store = Store.open(root)
+    if decoders:
+        store.blocks.use_decoders(1)
     try:
         fs = BackupFS(store, Namespace(store))
         entry = await fs.lookup(pyfuse3.ROOT_INODE, b"f", CTX)
-        fh = (await fs.open(entry.st_ino, os.O_RDONLY, CTX)).fh
-        return await fs.read(fh, 0, entry.st_size + BS)
+        ino, size = entry.st_ino, entry.st_size
+        fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+        reads = [(0, size + BS)] + [(off, 2 * BS + 3)
+                                    for off in range(0, size + 1, 3 * BS // 2 + 1)]
+        whole = bytes(await fs.read(fh, *reads[0]))
+        for off, n in reads[1:]:
+            assert bytes(await fs.read(fh, off, n)) == whole[off:off + n]
+        # A decoder started exactly if some read was of stored blocks only.
+        all_stored = any(
+            off < size and all(fs.ns.live.block_hash(ino, b) is not None
+                               for b in range(off // BS, (min(off + n, size) - 1) // BS + 1))
+            for off, n in reads)
+        assert (store.blocks.decoders is not None) == (decoders and all_stored)
+        return whole
     finally:
+        store.blocks.stop_decoders()
         store.close(commit=False)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(op, max_size=40), sealers=st.booleans())
-def test_random_file_operations_match_a_bytearray(ops, sealers):
+@given(ops=st.lists(op, max_size=40), sealers=st.booleans(), decoders=st.booleans())
+def test_random_file_operations_match_a_bytearray(ops, sealers, decoders):
     d = Path(tempfile.mkdtemp(prefix="bkfs-contents-"))
     try:
         Store.init(d / "s", block_size=BS)
         # Truncates release stored blocks two at a time: the chunked path, every time.
         with mock.patch.object(filedata, "DROP_CHUNK", 2):
             expected = trio.run(run_ops, ops, sealers, d / "s")
-        assert trio.run(read_back, d / "s") == expected
+        assert trio.run(read_back, d / "s", decoders) == expected
     finally:
         shutil.rmtree(d)
