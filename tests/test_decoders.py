@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
 import signal
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import trio
 
 from backupfs.errors import BackupfsError, CorruptBlock
-from backupfs.store import Store, codec
+from backupfs.store import Store, codec, decoder
 from backupfs.store.codec import RECORD_HEADER_LEN
 from backupfs.store.decode_pool import DecodePool, decoder_count
 
@@ -191,6 +192,18 @@ def test_decoders_end_with_their_pool_or_its_process(blocks):
     while pool._all[0].proc.poll() is None:
         assert time.monotonic() < deadline, "the decoder outlived its socket"
         time.sleep(0.01)
+    assert pool._all[0].proc.returncode == 0
+    pool.close()
+    # Killed with an answer unread: the process sees a reset, not an end, and leaves
+    # just as quietly (no traceback in the daemon's log).
+    pool = DecodePool(s.packs.root, 1, BS)
+    (d,) = pool._all
+    loc = s.blocks.locate(hashes[0])
+    d.sock.send(decoder.REQUEST.pack(1, 1) + decoder.RECORD.pack(
+        loc.pack_id, loc.offset, loc.record_len, loc.raw_len, 0, loc.hash))
+    select.select([d.sock], [], [], 10)
+    d.sock.close()
+    assert d.proc.wait(timeout=10) == 0
     pool.close()
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import CorruptBlock
 from . import codec
+from .packs import pack_path
 
 # Request: id, record count; then per record:
 #   pack id, offset, record length, raw length, offset in the slot, hash
@@ -40,11 +41,6 @@ REPLY = struct.Struct(">IB")
 OK, FAILED = 0, 1
 MAX_RECORDS = 257  # a READ of 1 MiB over 4 KiB blocks, starting inside one
 MAX_REQUEST = REQUEST.size + MAX_RECORDS * RECORD.size
-
-
-def pack_path(root: Path, pack_id: int) -> Path:
-    """Where pack `pack_id` lives (PackSet.path, which the store layer above imports)."""
-    return root / f"{pack_id >> 8:02x}" / f"{pack_id:06d}.pack"
 
 
 def decode_request(msg: bytes, slot: memoryview, root: Path) -> int:
@@ -72,11 +68,14 @@ def decode_request(msg: bytes, slot: memoryview, root: Path) -> int:
 
 def serve(sock: socket.socket, slot: memoryview, root: Path) -> None:
     while True:
-        msg = sock.recv(MAX_REQUEST)
-        if not msg:
-            return  # the daemon closed its end: it is stopping
-        req_id, _ = REQUEST.unpack_from(msg)
-        sock.send(REPLY.pack(req_id, decode_request(msg, slot, root)))
+        try:
+            msg = sock.recv(MAX_REQUEST)
+            if not msg:
+                return  # the daemon closed its end: it is stopping
+            req_id, _ = REQUEST.unpack_from(msg)
+            sock.send(REPLY.pack(req_id, decode_request(msg, slot, root)))
+        except (ConnectionResetError, BrokenPipeError):
+            return  # the daemon died (killed) with our answer unread
 
 
 def main(argv: list[str]) -> None:

@@ -88,6 +88,11 @@ class SyncPlan:
             _fsync_dir(d)
 
 
+def pack_path(root: Path, pack_id: int) -> Path:
+    """Where pack `pack_id` of the packs directory `root` lives (format.md, "Pack files")."""
+    return root / f"{pack_id >> 8:02x}" / f"{pack_id:06d}.pack"
+
+
 class PackSet:
     """The pack files of one store: one pack open for appending, cached read handles."""
 
@@ -125,7 +130,7 @@ class PackSet:
     # -- naming ---------------------------------------------------------------------
 
     def path(self, pack_id: int) -> Path:
-        return self.root / f"{pack_id >> 8:02x}" / f"{pack_id:06d}.pack"
+        return pack_path(self.root, pack_id)
 
     def on_disk(self) -> dict[int, Path]:
         """Every pack file present, by id (whatever the index says)."""
