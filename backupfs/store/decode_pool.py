@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 READ_MAX = 1 << 20  # the most one FUSE READ asks for (256 pages)
-
-
 DEFAULT_DECODERS_MAX = 4  # ~16 MB each; a sequential read keeps two busy
 
 
@@ -90,6 +88,7 @@ class DecodePool:
 
     @property
     def alive(self) -> int:
+        """Decoders not known to have ended."""
         return sum(1 for d in self._all if d.proc.returncode is None)
 
     async def decode_run(self, records: Sequence[tuple[int, int, int, int, bytes]]

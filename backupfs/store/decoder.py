@@ -9,13 +9,12 @@ share, and takes a whole READ's blocks per hand-off.
 Started by DecodePool as `python -m backupfs.store.decoder SOCK_FD SHM_FD SLOT_START
 SLOT_SIZE PACK_ROOT`: it maps only its own slot of the shared memory. The daemon sends
 one request per READ over a SOCK_SEQPACKET socket: the records to read and where in the
-slot each block's plaintext goes. The process
-answers once every block is there and its BLAKE3 hash checked *where it lies in the
-shared memory*, so the daemon replies with exactly the bytes that were verified. Any
-failure (a corrupt record, a pack compacted away, a disk error) is answered as such; the
-daemon then reads those blocks itself, which reports corruption and follows moved
-blocks as it always has. Packs are opened per request, so a pack removed by compaction
-is never held open here.
+slot each block's plaintext goes. The process answers once every block is there and its
+BLAKE3 hash checked *where it lies in the slot*, so the daemon replies with exactly the
+bytes that were verified. Any failure (a corrupt record, a pack compacted away, a disk
+error) is answered as such; the daemon then reads those blocks itself, which reports
+corruption and follows moved blocks as it always has. Packs are opened per request, so
+a pack removed by compaction is never held open here.
 """
 
 from __future__ import annotations
@@ -51,12 +50,12 @@ def decode_request(msg: bytes, slot: memoryview, root: Path) -> int:
         for i in range(n):
             pack_id, offset, record_len, raw_len, out, h = RECORD.unpack_from(
                 msg, REQUEST.size + i * RECORD.size)
+            if out + raw_len > len(slot):
+                return FAILED
             fd = fds.get(pack_id)
             if fd is None:
                 fd = fds[pack_id] = os.open(pack_path(root, pack_id), os.O_RDONLY | os.O_CLOEXEC)
             record = os.pread(fd, record_len, offset)
-            if out + raw_len > len(slot):
-                return FAILED
             codec.decode_record_into(record, h, slot[out:out + raw_len], pack_id, offset)
     except (OSError, CorruptBlock, ValueError):
         return FAILED
