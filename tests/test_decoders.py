@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,7 +20,7 @@ from backupfs.store import Store, codec, decoder
 from backupfs.store.codec import RECORD_HEADER_LEN
 from backupfs.store.decode_pool import DecodePool, decoder_count
 
-from mounting import drop_page_cache, flip_byte
+from mounting import backupfs, drop_page_cache, flip_byte
 
 KiB = 1024
 BS = 128 * KiB
@@ -257,6 +258,13 @@ def test_a_mount_reads_through_its_decoders_and_ends_them(mount_factory):
     cores = min(os.cpu_count(), 4)
     assert len(decoder_pids(m.proc.pid, expect=cores)) == cores
     pids = store_decoders(m.store)
+    # And they answer the reads, not just start: the daemon counts their answers.
+    st = json.loads(backupfs("stats", m.path, "--json", "--quick").stdout)["daemon"]
+    assert st["decoders"] == cores and st["decoded_reads"] > 0
+    drop_page_cache()
+    assert (m.path / "f").read_bytes() == data
+    again = json.loads(backupfs("stats", m.path, "--json", "--quick").stdout)["daemon"]
+    assert again["decoded_reads"] > st["decoded_reads"]
     m.stop()
     assert store_decoders(m.store) == []
     assert all(not Path(f"/proc/{p}").exists() for p in pids)

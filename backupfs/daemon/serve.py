@@ -337,14 +337,18 @@ class Daemon:
     async def control_stats(self) -> dict:
         """What the store holds, after sealing what is buffered: `stored_bytes` is what
         live blocks take in packs; `dead_bytes` is what deleted blocks still take until
-        compaction rewrites their packs."""
+        compaction rewrites their packs; `decoded_reads` how many reads decoder
+        processes answered, and `decoders` how many are running."""
         await self.ops.flush_everything()
         store = self.ops.store
         pack_bytes = sum(store.pack_info(p)[0] for p in store.committed_pack_lengths())
         dead = store.blocks.dead_bytes()
+        pool = store.blocks.decoders
         return {"snapshots": len(self.ops.visible_snapshots()), "pack_bytes": pack_bytes,
                 "dead_bytes": dead, "stored_bytes": pack_bytes - dead,
-                "checksum_errors": store.blocks.checksum_errors}
+                "checksum_errors": store.blocks.checksum_errors,
+                "decoded_reads": pool.served if pool else 0,
+                "decoders": pool.alive if pool else 0}
 
     async def control_compact(self, threshold: float = 0.5) -> dict:
         """Rewrite mostly-dead packs one at a time, serving requests in between."""

@@ -57,6 +57,7 @@ class DecodePool:
         self._idle: list[_Decoder] = []
         self._all: list[_Decoder] = []
         self._shm: mmap.mmap | None = None
+        self.served = 0  # requests answered with every block in place
         size = slot_size * processes
         fd = os.memfd_create("backupfs-decode", os.MFD_CLOEXEC)
         try:
@@ -116,7 +117,10 @@ class DecodePool:
             return None
         self._idle.append(d)
         req_id, status = REPLY.unpack(reply)
-        return d.slot[:out] if status == OK and req_id == d.requests else None
+        if status != OK or req_id != d.requests:
+            return None
+        self.served += 1
+        return d.slot[:out]
 
     async def _ask(self, d: _Decoder, request: bytes) -> bytes | None:
         """Send a request and wait for its answer; None if the process is gone."""
@@ -139,13 +143,13 @@ class DecodePool:
     def _lost(self, d: _Decoder) -> None:
         """Drop a decoder whose socket failed; the process is ended if it has not."""
         d.sock.close()
-        code = d.proc.poll()
-        if code is None:
+        try:
+            # Its socket ended because it is ending, as a rule: a moment to be reaped.
+            what = f"ended (status {d.proc.wait(timeout=1)})"
+        except subprocess.TimeoutExpired:
             d.proc.kill()
             d.proc.wait()
             what = "stopped answering and was killed"
-        else:
-            what = f"ended (status {code})"
         log.warning("decoder process %d %s; %d left, the daemon reads blocks itself "
                     "when none is free", d.proc.pid, what, self.alive)
 
