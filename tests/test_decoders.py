@@ -107,30 +107,30 @@ async def test_a_run_is_read_by_a_decoder_started_at_first_use(blocks):
     s, hashes, data = blocks
     s.blocks.use_decoders(2)
     assert s.blocks.decoders is None  # nothing started until a read needs it
-    run = await s.blocks.get_run(hashes, BS)
+    run = await s.blocks.get_run(hashes)
     assert bytes(run) == b"".join(data)
     pool = s.blocks.decoders
     assert pool is not None and pool.alive == 2
     assert len(decoder_pids(os.getpid(), expect=2)) == 2
     # Blocks out of their file's order, or one block: the same.
-    assert bytes(await s.blocks.get_run(hashes[3:0:-1], BS)) == b"".join(data[3:0:-1])
-    assert bytes(await s.blocks.get_run(hashes[4:], BS)) == data[4]
+    assert bytes(await s.blocks.get_run(hashes[3:0:-1])) == b"".join(data[3:0:-1])
+    assert bytes(await s.blocks.get_run(hashes[4:])) == data[4]
 
 
 async def test_runs_a_decoder_cannot_take_are_declined(blocks):
     s, hashes, data = blocks
     s.blocks.use_decoders(1)
     # A short block before the last: the run would not be the file's bytes end to end.
-    assert await s.blocks.get_run([hashes[4], hashes[0]], BS) is None
+    assert await s.blocks.get_run([hashes[4], hashes[0]]) is None
     # More than a slot holds: 1 MiB and a block (a READ of 1 MiB starting inside a block).
-    assert await s.blocks.get_run(hashes[:4] * 3, BS) is None
+    assert await s.blocks.get_run(hashes[:4] * 3) is None
     nine = hashes[:4] * 2 + [hashes[4]]
-    assert bytes(await s.blocks.get_run(nine, BS)) == b"".join(data[:4] * 2 + [data[4]])
+    assert bytes(await s.blocks.get_run(nine)) == b"".join(data[:4] * 2 + [data[4]])
     # Its one decoder busy: the second of two reads at once is declined.
     got = []
 
     async def read(hs):
-        got.append(await s.blocks.get_run(hs, BS))
+        got.append(await s.blocks.get_run(hs))
 
     async with trio.open_nursery() as n:
         n.start_soon(read, hashes[:2])
@@ -141,10 +141,10 @@ async def test_runs_a_decoder_cannot_take_are_declined(blocks):
     # The pack being written: its newest bytes may be in this process only.
     h = s.blocks.put(text(12))
     assert s.blocks.locate(h).pack_id == s.packs.current_pack
-    assert await s.blocks.get_run([h], BS) is None
+    assert await s.blocks.get_run([h]) is None
     # So are the older blocks of that pack (a reopened store appends to its last pack).
     assert s.blocks.locate(hashes[0]).pack_id == s.packs.current_pack
-    assert await s.blocks.get_run(hashes[:2], BS) is None
+    assert await s.blocks.get_run(hashes[:2]) is None
 
 
 async def test_damage_is_declined_by_the_decoder_and_reported_by_the_daemon(blocks):
@@ -153,27 +153,27 @@ async def test_damage_is_declined_by_the_decoder_and_reported_by_the_daemon(bloc
     loc = s.blocks.locate(hashes[2])
     flip_byte(s.packs.path(loc.pack_id), loc.offset + RECORD_HEADER_LEN + 100)
     drop_page_cache()
-    assert await s.blocks.get_run(hashes, BS) is None
+    assert await s.blocks.get_run(hashes) is None
     assert s.blocks.checksum_errors == 0  # the decoder only declines...
     with pytest.raises(CorruptBlock) as ei:  # ...the daemon's own read reports
         await s.blocks.get_many(hashes)
     assert ei.value.block_hash == hashes[2]
     assert s.blocks.checksum_errors == 1
     # The decoder is still there for the blocks that are sound.
-    assert bytes(await s.blocks.get_run(hashes[:2], BS)) == b"".join(data[:2])
+    assert bytes(await s.blocks.get_run(hashes[:2])) == b"".join(data[:2])
 
 
 async def test_a_decoder_that_dies_is_dropped(blocks, caplog):
     s, hashes, data = blocks
     s.blocks.use_decoders(1)
-    assert bytes(await s.blocks.get_run(hashes, BS)) == b"".join(data)
+    assert bytes(await s.blocks.get_run(hashes)) == b"".join(data)
     (pid,) = decoder_pids(os.getpid())
     os.kill(pid, signal.SIGKILL)
     with caplog.at_level(logging.WARNING):
-        assert await s.blocks.get_run(hashes, BS) is None
+        assert await s.blocks.get_run(hashes) is None
     assert f"decoder process {pid} ended" in caplog.text
     assert s.blocks.decoders.alive == 0
-    assert await s.blocks.get_run(hashes, BS) is None
+    assert await s.blocks.get_run(hashes) is None
     assert await s.blocks.get_many(hashes) == data  # read here instead
 
 

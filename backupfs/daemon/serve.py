@@ -144,8 +144,8 @@ class Daemon:
     async def _raise_read_ahead(self) -> None:
         """Let the kernel read ahead READ_AHEAD_KB, not its default 128 KiB: a sequential
         read then comes as 1 MiB requests, two at once, a round trip per eight blocks
-        instead of per block (what a cold `cp` out of a snapshot is bound by). Only root may; without
-        it, reads work as before."""
+        instead of per block (what a cold `cp` out of a snapshot is bound by). Only root
+        may; without it, reads work as before."""
         try:
             await set_read_ahead_once_serving(self.mountpoint, READ_AHEAD_KB)
         except OSError as e:

@@ -111,7 +111,7 @@ class FileContents:
                     stored[i] = h
             chunks.append(buffered or b"")
         if len(stored) == len(chunks):  # every block stored: perhaps a decoder's
-            run = await self.store.blocks.get_run(list(stored.values()), bs)
+            run = await self.store.blocks.get_run(list(stored.values()))
             if run is not None:
                 return self._clip_run(run, offset - first * bs, end - first * bs)
         if stored:

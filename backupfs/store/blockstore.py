@@ -378,19 +378,20 @@ class BlockStore:
             self.decoders, pool = None, self.decoders
             pool.close()
 
-    async def get_run(self, hashes: Sequence[bytes], block_size: int) -> memoryview | None:
+    async def get_run(self, hashes: Sequence[bytes]) -> memoryview | None:
         """Blocks' plaintexts end to end, read and verified by a decoder process, where
-        every block but the last is `block_size` long; None where that is not so, or no
+        every block but the last is a whole block; None where that is not so, or no
         decoder is idle, or a record is in the pack being written (its bytes may still be
         in this process's memory), or the decoder met any failure: get_many then reads
         them here, and reports what is corrupt.
 
         The view is valid only until the calling task next waits (DecodePool.decode_run)."""
         pool = self._decode_pool()
-        if pool is None:
-            return None
+        if pool is None or not pool.has_idle:
+            return None  # before the lookups, which get_many would do again
         locs = [self.locate(h) for h in hashes]
         writing = self.packs.current_pack
+        block_size = self.store.config.block_size
         last = len(locs) - 1
         if any(loc.pack_id == writing or (i < last and loc.raw_len != block_size)
                for i, loc in enumerate(locs)):

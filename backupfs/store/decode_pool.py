@@ -88,6 +88,10 @@ class DecodePool:
         self._all.append(d)
 
     @property
+    def has_idle(self) -> bool:
+        return bool(self._idle)
+
+    @property
     def alive(self) -> int:
         """Decoders not known to have ended."""
         return sum(1 for d in self._all if d.proc.returncode is None)
