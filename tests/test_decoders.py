@@ -103,15 +103,15 @@ def test_decode_record_into_refuses_damage_and_wrong_sizes(data, stored_as):
 # -- the pool --------------------------------------------------------------------------
 
 
-async def test_a_run_is_read_by_a_decoder_started_at_first_use(blocks):
+async def test_a_run_is_read_by_a_decoder(blocks):
     s, hashes, data = blocks
     s.blocks.use_decoders(2)
-    assert s.blocks.decoders is None  # nothing started until a read needs it
+    pool = s.blocks.decoders
+    assert pool is not None and pool.alive == 2  # started at once, before any read
+    assert len(decoder_pids(os.getpid(), expect=2)) == 2
     run = await s.blocks.get_run(hashes)
     assert bytes(run) == b"".join(data)
-    pool = s.blocks.decoders
-    assert pool is not None and pool.alive == 2
-    assert len(decoder_pids(os.getpid(), expect=2)) == 2
+    assert pool.served == 1
     # Blocks out of their file's order, or one block: the same.
     assert bytes(await s.blocks.get_run(hashes[3:0:-1])) == b"".join(data[3:0:-1])
     assert bytes(await s.blocks.get_run(hashes[4:])) == data[4]
@@ -250,13 +250,15 @@ def test_a_mount_reads_through_its_decoders_and_ends_them(mount_factory):
     m = mount_factory()
     data = b"".join(text(i) if i % 2 else noise(i) for i in range(24)) + b"tail"
     written_and_remounted(m, data)
-    assert store_decoders(m.store) == []  # none until a stored block is read
+    cores = min(os.cpu_count(), 4)
+    # Started with the mount, not at its first read.
+    assert len(decoder_pids(m.proc.pid, expect=cores)) == cores
+    before = json.loads(backupfs("stats", m.path, "--json", "--quick").stdout)["daemon"]
+    assert before["decoders"] == cores and before["decoded_reads"] == 0
     assert (m.path / "f").read_bytes() == data
     with open(m.path / "f", "rb") as f:  # and from the middle, across blocks
         f.seek(3 * BS - 7)
         assert f.read(2 * BS + 9) == data[3 * BS - 7:5 * BS + 2]
-    cores = min(os.cpu_count(), 4)
-    assert len(decoder_pids(m.proc.pid, expect=cores)) == cores
     pids = store_decoders(m.store)
     # And they answer the reads, not just start: the daemon counts their answers.
     st = json.loads(backupfs("stats", m.path, "--json", "--quick").stdout)["daemon"]

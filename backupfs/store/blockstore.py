@@ -128,8 +128,7 @@ class BlockStore:
         self.dead_db = store.open_db("dead")
         self.checksum_errors = 0
         self._storing: dict[bytes, trio.Event] = {}  # hash -> set when its put_many ends
-        self.decoders: DecodePool | None = None  # started for get_run (use_decoders)
-        self._decoders_wanted = 0
+        self.decoders: DecodePool | None = None  # for get_run (use_decoders)
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -358,20 +357,16 @@ class BlockStore:
         return (await self.get_many([h]))[0]
 
     def use_decoders(self, processes: int) -> None:
-        """Let get_run read blocks in `processes` decoder processes (decode_pool.py),
-        started when it is first called: a mount that never reads a stored block (or a
-        test that mounts to list a directory) starts none."""
-        self._decoders_wanted = processes
-
-    def _decode_pool(self) -> DecodePool | None:
-        if self.decoders is None and self._decoders_wanted:
-            n, self._decoders_wanted = self._decoders_wanted, 0
+        """Start `processes` decoder processes (decode_pool.py) for get_run. A mount
+        starts them at once, not at its first read: a decoder takes ~0.1 s of CPU to
+        start, which a first read would otherwise wait for or do in the daemon."""
+        self.stop_decoders()
+        if processes:
             try:
-                self.decoders = DecodePool(self.packs.root, n, self.store.config.block_size)
+                self.decoders = DecodePool(self.packs.root, processes, self.store.config.block_size)
             except OSError as e:
                 log.warning("cannot start decoder processes (%s): blocks are read in the "
                             "daemon", e)
-        return self.decoders
 
     def stop_decoders(self) -> None:
         if self.decoders is not None:
@@ -386,7 +381,7 @@ class BlockStore:
         them here, and reports what is corrupt.
 
         The view is valid only until the calling task next waits (DecodePool.decode_run)."""
-        pool = self._decode_pool()
+        pool = self.decoders
         if pool is None or not pool.has_idle:
             return None  # before the lookups, which get_many would do again
         locs = [self.locate(h) for h in hashes]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import CorruptBlock
 from . import codec
-from .packs import pack_path
+from .layout import pack_path
 
 # Request: id, record count; then per record:
 #   pack id, offset, record length, raw length, offset in the slot, hash

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StoreError
+from .layout import pack_path
 from .pack_maps import PackMaps
 from .pack_writer import PackWriter, StagePool
 
@@ -86,11 +87,6 @@ class SyncPlan:
                 os.close(fd)
         for d in self.dirs:
             _fsync_dir(d)
-
-
-def pack_path(root: Path, pack_id: int) -> Path:
-    """Where pack `pack_id` of the packs directory `root` lives (format.md, "Pack files")."""
-    return root / f"{pack_id >> 8:02x}" / f"{pack_id:06d}.pack"
 
 
 class PackSet:
