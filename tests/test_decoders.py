@@ -163,6 +163,18 @@ async def test_damage_is_declined_by_the_decoder_and_reported_by_the_daemon(bloc
     assert bytes(await s.blocks.get_run(hashes[:2])) == b"".join(data[:2])
 
 
+async def test_a_pack_cut_short_is_declined_by_the_decoder(blocks):
+    s, hashes, data = blocks
+    s.blocks.use_decoders(1)
+    last = s.blocks.locate(hashes[-1])
+    path = s.packs.path(last.pack_id)
+    os.truncate(path, last.offset + last.record_len - 1)
+    assert await s.blocks.get_run(hashes) is None
+    assert bytes(await s.blocks.get_run(hashes[:4])) == b"".join(data[:4])
+    with pytest.raises(CorruptBlock):
+        await s.blocks.get_many(hashes[4:])
+
+
 async def test_a_decoder_that_dies_is_dropped(blocks, caplog):
     s, hashes, data = blocks
     s.blocks.use_decoders(1)
