@@ -169,7 +169,12 @@ class MemFS(pyfuse3.Operations):
         n = self.nodes[self.open_fh[fh]]
         if self.discard_data:
             return bytes(max(0, min(size, n.discarded_size - off)))
-        return bytes(n.data[off:off + size])
+        # A view, not a copy: pyfuse3 sends it before another task can resize the
+        # bytearray. `bytes(data[a:b])` copied twice into fresh memory, and on this VM
+        # fresh memory's page faults made memfs's cold read cost 2-3 s of CPU per GiB
+        # in some hours and 0.9 s in others: no steady ceiling (docs/performance.md,
+        # "A ceiling that copies").
+        return memoryview(n.data)[off:off + size]
 
     async def write(self, fh, off, buf):
         n = self.nodes[self.open_fh[fh]]
