@@ -175,18 +175,45 @@ async def test_a_pack_cut_short_is_declined_by_the_decoder(blocks):
         await s.blocks.get_many(hashes[4:])
 
 
-async def test_a_decoder_that_dies_is_dropped(blocks, caplog):
+async def test_a_decoder_that_dies_is_replaced(blocks, caplog):
     s, hashes, data = blocks
     s.blocks.use_decoders(1)
+    pool = s.blocks.decoders
+    pool.restart_after = 0  # replaced at once, however short its life
     assert bytes(await s.blocks.get_run(hashes)) == b"".join(data)
     (pid,) = decoder_pids(os.getpid())
     os.kill(pid, signal.SIGKILL)
     with caplog.at_level(logging.WARNING):
-        assert await s.blocks.get_run(hashes) is None
+        assert await s.blocks.get_run(hashes) is None  # it was asked, and died
     assert f"decoder process {pid} ended" in caplog.text
-    assert s.blocks.decoders.alive == 0
-    assert await s.blocks.get_run(hashes) is None
-    assert await s.blocks.get_many(hashes) == data  # read here instead
+    assert "another starts at the next read" in caplog.text
+    assert pool.alive == 0
+    assert bytes(await s.blocks.get_run(hashes)) == b"".join(data)
+    (new,) = decoder_pids(os.getpid(), expect=1)
+    assert new != pid and pool.alive == 1 and pool.served == 2
+
+
+async def test_a_decoder_that_dies_young_is_replaced_only_later(blocks, caplog):
+    s, hashes, data = blocks
+    s.blocks.use_decoders(1)
+    pool = s.blocks.decoders
+    now = [1000.0]
+    pool._clock = lambda: now[0]
+    pool.restart_after = 60
+    assert bytes(await s.blocks.get_run(hashes)) == b"".join(data)
+    pool._all[0].started = now[0] - 10  # it had run 10 s
+    (pid,) = decoder_pids(os.getpid())
+    os.kill(pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING):
+        assert await s.blocks.get_run(hashes) is None
+    assert "another starts at the first read 50 s from now" in caplog.text
+    now[0] += 49
+    assert await s.blocks.get_run(hashes) is None  # none yet: the daemon reads
+    assert decoder_pids(os.getpid()) == [] and pool.alive == 0
+    assert await s.blocks.get_many(hashes) == data
+    now[0] += 1
+    assert bytes(await s.blocks.get_run(hashes)) == b"".join(data)
+    assert len(decoder_pids(os.getpid(), expect=1)) == 1 and pool.alive == 1
 
 
 def test_decoders_end_with_their_pool_or_its_process(blocks):

@@ -382,7 +382,7 @@ class BlockStore:
 
         The view is valid only until the calling task next waits (DecodePool.decode_run)."""
         pool = self.decoders
-        if pool is None or not pool.has_idle:
+        if pool is None or not pool.ready():
             return None  # before the lookups, which get_many would do again
         locs = [self.locate(h) for h in hashes]
         writing = self.packs.current_pack

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 READ_MAX = 1 << 20  # the most one FUSE READ asks for (256 pages)
 DEFAULT_DECODERS_MAX = 4  # ~16 MB each; a sequential read keeps two busy
+RESTART_AFTER = 60.0  # seconds (DecodePool.restart_after)
 
 
 def decoder_count(config: dict) -> int:
@@ -46,7 +48,9 @@ def decoder_count(config: dict) -> int:
 class _Decoder:
     proc: subprocess.Popen
     sock: socket.socket
+    index: int  # which slot of the shared memory is its
     slot: memoryview
+    started: float
     requests: int = 0
 
 
@@ -54,41 +58,58 @@ class DecodePool:
     def __init__(self, pack_root: Path, processes: int, block_size: int):
         # A READ that starts inside a block spans one block more than its size.
         self.slot_size = slot_size = READ_MAX + block_size
+        self.pack_root = Path(pack_root).resolve()
         self._idle: list[_Decoder] = []
         self._all: list[_Decoder] = []
+        self._due: dict[int, float] = {}  # slot -> when a decoder for it may start again
         self._shm: mmap.mmap | None = None
+        self._shm_fd = -1
         self.served = 0  # requests answered with every block in place
+        # A decoder that ends is replaced at once if it had run this long, else only
+        # this long after it started: one that fails as it starts (its code replaced
+        # under a running daemon, say) is not restarted in a loop.
+        self.restart_after = RESTART_AFTER
+        self._clock = time.monotonic
         size = slot_size * processes
-        fd = os.memfd_create("backupfs-decode", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, size)
-            self._shm = mmap.mmap(fd, size)
-            view = memoryview(self._shm)
+            self._shm_fd = os.memfd_create("backupfs-decode", os.MFD_CLOEXEC)
+            os.ftruncate(self._shm_fd, size)
+            self._shm = mmap.mmap(self._shm_fd, size)
             for i in range(processes):
-                self._start(pack_root, fd, i * slot_size, view[i * slot_size:(i + 1) * slot_size])
+                self._start(i)
         except BaseException:
             self.close()
             raise
-        finally:
-            os.close(fd)
 
-    def _start(self, pack_root: Path, shm_fd: int, start: int, slot: memoryview) -> None:
+    def _start(self, index: int) -> None:
+        start = index * self.slot_size
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             # Run from the directory this package was imported from (`-m` looks in the
             # working directory first): the processes run the daemon's own code.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "backupfs.store.decoder", str(theirs.fileno()),
-                 str(shm_fd), str(start), str(len(slot)), str(Path(pack_root).resolve())],
-                pass_fds=(theirs.fileno(), shm_fd), stdin=subprocess.DEVNULL,
+                 str(self._shm_fd), str(start), str(self.slot_size), str(self.pack_root)],
+                pass_fds=(theirs.fileno(), self._shm_fd), stdin=subprocess.DEVNULL,
                 cwd=_PACKAGE_PARENT)
         ours.setblocking(False)
-        d = _Decoder(proc, ours, slot)
+        slot = memoryview(self._shm)[start:start + self.slot_size]
+        d = _Decoder(proc, ours, index, slot, self._clock())
         self._idle.append(d)
         self._all.append(d)
 
-    @property
-    def has_idle(self) -> bool:
+    def ready(self) -> bool:
+        """Whether a decoder is idle; first restarts those due to be replaced."""
+        if self._due:
+            now = self._clock()
+            for index, when in list(self._due.items()):
+                if when <= now:
+                    del self._due[index]
+                    try:
+                        self._start(index)
+                    except OSError as e:
+                        self._due[index] = now + self.restart_after
+                        log.warning("cannot restart a decoder process (%s)", e)
         return bool(self._idle)
 
     @property
@@ -145,7 +166,8 @@ class DecodePool:
                 return reply if len(reply) == REPLY.size else None
 
     def _lost(self, d: _Decoder) -> None:
-        """Drop a decoder whose socket failed; the process is ended if it has not."""
+        """Drop a decoder whose socket failed, the process ended if it has not, and
+        have another take its slot (see restart_after)."""
         d.sock.close()
         try:
             # Its socket ended because it is ending, as a rule: a moment to be reaped.
@@ -154,8 +176,13 @@ class DecodePool:
             d.proc.kill()
             d.proc.wait()
             what = "stopped answering and was killed"
-        log.warning("decoder process %d %s; %d left, the daemon reads blocks itself "
-                    "when none is free", d.proc.pid, what, self.alive)
+        self._all.remove(d)
+        d.slot.release()  # its views (answers already sent) are separate exports
+        now = self._clock()
+        self._due[d.index] = due = max(now, d.started + self.restart_after)
+        when = "at the next read" if due <= now else f"at the first read {due - now:.0f} s from now"
+        log.warning("decoder process %d %s; %d left, another starts %s (the daemon reads "
+                    "blocks itself when no decoder is free)", d.proc.pid, what, self.alive, when)
 
     def close(self) -> None:
         """Stop every process (closing its socket ends it) and wait for it."""
@@ -168,8 +195,12 @@ class DecodePool:
                 d.proc.kill()
                 d.proc.wait()
         self._idle = []
+        self._due = {}
         for d in self._all:
             d.slot.release()
+        if self._shm_fd >= 0:
+            os.close(self._shm_fd)
+            self._shm_fd = -1
         if self._shm is not None:
             try:
                 self._shm.close()
