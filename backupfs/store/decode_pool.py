@@ -85,13 +85,17 @@ class DecodePool:
         start = index * self.slot_size
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            # Run from the directory this package was imported from (`-m` looks in the
-            # working directory first): the processes run the daemon's own code.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "backupfs.store.decoder", str(theirs.fileno()),
-                 str(self._shm_fd), str(start), str(self.slot_size), str(self.pack_root)],
-                pass_fds=(theirs.fileno(), self._shm_fd), stdin=subprocess.DEVNULL,
-                cwd=_PACKAGE_PARENT)
+            try:
+                # Run from the directory this package was imported from (`-m` looks in
+                # the working directory first): the processes run the daemon's own code.
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "backupfs.store.decoder", str(theirs.fileno()),
+                     str(self._shm_fd), str(start), str(self.slot_size), str(self.pack_root)],
+                    pass_fds=(theirs.fileno(), self._shm_fd), stdin=subprocess.DEVNULL,
+                    cwd=_PACKAGE_PARENT)
+            except BaseException:
+                ours.close()
+                raise
         ours.setblocking(False)
         slot = memoryview(self._shm)[start:start + self.slot_size]
         d = _Decoder(proc, ours, index, slot, self._clock())
