@@ -173,7 +173,7 @@ class MemFS(pyfuse3.Operations):
         # bytearray. `bytes(data[a:b])` copied twice into fresh memory, and on this VM
         # fresh memory's page faults made memfs's cold read cost 2-3 s of CPU per GiB
         # in some hours and 0.9 s in others: no steady ceiling (docs/performance.md,
-        # "A ceiling that copies").
+        # "A steady ceiling, and the cold read against it").
         return memoryview(n.data)[off:off + size]
 
     async def write(self, fh, off, buf):

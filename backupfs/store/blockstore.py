@@ -359,7 +359,7 @@ class BlockStore:
     def use_decoders(self, processes: int) -> None:
         """Start `processes` decoder processes (decode_pool.py) for get_run. A mount
         starts them at once, not at its first read: a decoder takes ~0.1 s of CPU to
-        start, which a first read would otherwise wait for or do in the daemon."""
+        start, which a first read would otherwise wait for while it competes for CPU."""
         self.stop_decoders()
         if processes:
             try:
