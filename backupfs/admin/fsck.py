@@ -7,8 +7,10 @@ Checks, each reported as a `Problem`:
   exists; the dead index (blocks at refcount 0, dead bytes per pack) matches;
 - versions: every version visible to the live tree or a snapshot, no needless
   tombstones, the deadlist exact (namespace.check);
-- tree, in the live view and every snapshot: every entry names an existing inode, link
-  counts equal the names, live inodes nobody names are found (lost), orphans are real.
+- the live tree, walked from the root: every entry names an existing inode, link counts
+  equal the names, inodes nobody names are found (lost), orphans are real;
+- every snapshot's tree, from the oldest one's and what was born since
+  (snapshot_trees.py): the same, and no entry lies in what is not a directory.
 
 `--repair` fixes refcounts, the dead index, orphan bookkeeping, link counts and dangling
 entries of the live tree, pack tails and unknown packs, and links lost inodes into
@@ -29,6 +31,7 @@ from ..namespace.records import U64, entry_name, entry_prefix, inode_prefix, pac
 from ..store import codec
 from ..store.blockstore import BlockLocation
 from .progress import progress_bar
+from .snapshot_trees import SnapshotTrees
 
 LOST_FOUND = b"lost+found"
 
@@ -63,6 +66,7 @@ class Fsck:
         self.ns = ns
         self.show_progress = show_progress
         self.report = FsckReport()
+        self._births_sound = True  # check_versions found the births index right
 
     def problem(self, kind: str, message: str, repair=None) -> None:
         self.report.problems.append(Problem(kind, message, repair))
@@ -117,6 +121,7 @@ class Fsck:
             report = check_versions(self.ns, progress=bar.update)
         for issue in report.issues:
             self.problem(issue.kind, str(issue))
+        self._births_sound = not any(i.kind.startswith("births-") for i in report.issues)
         self.report.checked["versions"] = report.versions
         return report.block_refs
 
@@ -175,10 +180,24 @@ class Fsck:
 
     def check_trees(self) -> None:
         live_names = self._check_tree(self.ns.live, "live", repairable=True)
-        for record in self.ns.snapshots():
-            self._check_tree(self.ns.view(record.epoch), f"snapshot {record.name}",
-                             repairable=False)
         self._check_live_inodes(live_names)
+        self.check_snapshot_trees()
+
+    def check_snapshot_trees(self) -> None:
+        """Each snapshot's tree, at the cost of what changed between them
+        (snapshot_trees.py); a problem is reported once, naming the snapshots it is in."""
+        records = self.ns.snapshots()
+        trees = SnapshotTrees(self.ns, trust_births=self._births_sound)
+        with progress_bar("fsck: snapshots", total=len(records), unit="snap",
+                          enabled=self.show_progress) as bar:
+            found = trees.run([r.epoch for r in records], step=lambda: bar.update(1))
+        for p in found:
+            first, last = records[p.first].name, records[p.last].name
+            where = (f"snapshot {first}" if p.first == p.last else
+                     f"snapshots {first} to {last} ({p.last - p.first + 1})")
+            self.problem(p.kind, f"{where}: {p.message}")
+        self.report.checked["snapshots"] = len(records)
+        self.report.checked["inodes (snapshots)"] = trees.inodes_checked
 
     def _check_tree(self, view, where: str, repairable: bool) -> Counter:
         """Walk a view: dangling entries and link counts. Returns names per inode."""
