@@ -41,7 +41,8 @@ def build_tree(ns: Namespace, n: int) -> list[int]:
             d = live.create(ROOT_INO, b"d%07d" % (i // PER_DIR), stat.S_IFDIR | 0o755, 0, 0, i)
             ns.store.commit()  # keep each LMDB transaction a sensible size
         ino = live.create(d.ino, b"f%07d" % i, stat.S_IFREG | 0o644, 0, 0, i).ino
-        blocks.incref(shared)
+        if i:
+            blocks.incref(shared)  # put gave the first reference
         live.write_block(ino, 0, shared)
         live.setattr(ino, size=4096)
         files.append(ino)
