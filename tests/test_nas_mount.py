@@ -312,3 +312,21 @@ def test_helper_keeps_fuse_options_and_drops_mount_ones(capsys):
         "/srv/store", "/mnt/b"]
     assert helper(["/srv/store"]) == 1
     assert helper(["/srv/store", "/mnt/b", "-t", "fuse.sshfs", "-f"]) == 1
+
+
+def test_the_detached_daemons_log_follows_logrotate(root, detached):
+    """logrotate's default moves the log away and expects the daemon to write a new
+    one (nothing signals it here, and no `copytruncate`)."""
+    store, mnt = root / "store", root / "mnt"
+    detached.add(store, mnt)
+    backupfs("mount", store, mnt)
+    log, rotated = store / "backupfs.log", store / "backupfs.log.1"
+    first = backupfs("snapshot", mnt).stdout.strip()
+    log.rename(rotated)
+    second = backupfs("snapshot", mnt).stdout.strip()
+    clean_umount(store, mnt)
+    before, after = rotated.read_text(), log.read_text()
+    assert f"snapshot {first} taken" in before and "mounted" in before
+    assert f"snapshot {second} taken" in after and "store" in after and "closed" in after
+    assert f"snapshot {second} taken" not in before
+    assert f"snapshot {first} taken" not in after

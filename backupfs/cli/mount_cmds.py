@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -24,7 +25,10 @@ def _setup_daemon_logging(log_file: str | None, verbose: int) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    # Watched: when logrotate moves the file away, the next line opens a new one, with
+    # no signal to the daemon and no `copytruncate` (which can lose lines).
+    handler = (logging.handlers.WatchedFileHandler(log_file) if log_file
+               else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
