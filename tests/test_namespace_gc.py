@@ -284,3 +284,16 @@ def test_a_deleted_snapshots_name_is_not_given_again(ns):
         # The next second starts again at its plain name.
         later = reopened.snapshot(now_ns=second + 10**9)
         assert later.name != first.name and "-" not in later.name[10:]
+
+
+def test_an_epoch_index_walked_in_pieces_gives_every_entry_once_in_order(ns):
+    live = ns.live
+    for e in range(4):
+        for i in range(5):
+            live.create(ROOT_INO, b"e%d-%d" % (e, i), stat.S_IFREG | 0o644, 0, 0, 1)
+        ns.snapshot(now_ns=10**18 + e)
+    whole = ns.births.between(2, ns.epoch)
+    assert len(whole) > 10
+    for piece in (1, 3, len(whole), len(whole) + 1):
+        assert list(ns.births.walk(2, ns.epoch, piece)) == whole
+    assert list(ns.births.walk(ns.epoch + 1, ns.epoch + 5, 3)) == []

@@ -70,7 +70,7 @@ def diff(ns, old_epoch: int, new_epoch: int | None = None) -> list[Change]:
     removed: dict[int, bytes] = {}
     added: dict[int, bytes] = {}
     touched: set[int] = set()
-    for _, table_id, prefix, _ in ns.births.between(old_epoch + 1, last):
+    for _, table_id, prefix, _ in ns.births.walk(old_epoch + 1, last):
         if table_id == ns.entries.table_id:
             parent, name = U64.unpack_from(prefix)[0], entry_name(prefix)
             a, b = old.child(parent, name), new.child(parent, name)

@@ -29,8 +29,6 @@ from typing import Iterable
 from ..namespace import ROOT_INO
 from ..namespace.records import U64, unpack_inode
 
-PIECE = 10_000  # births read at a time
-
 
 @dataclass
 class SnapshotProblem:
@@ -105,18 +103,12 @@ class SnapshotTrees:
     def _changed(self, first: int, last: int) -> tuple[set[bytes], set[int]]:
         """Entry prefixes and inodes with a version born in epochs first..last."""
         entries, inodes = set(), set()
-        ids = {self.ns.entries.table_id: entries.add,
-               self.ns.inodes.table_id: lambda p: inodes.add(U64.unpack(p)[0])}
-        after = None
-        while True:
-            piece = self.ns.births.between(first, last, after, limit=PIECE)
-            for _, table_id, prefix, _ in piece:
-                add = ids.get(table_id)
-                if add is not None:
-                    add(prefix)
-            if len(piece) < PIECE:
-                return entries, inodes
-            after = self.ns.births.key_of(*piece[-1][:3])
+        for _, table_id, prefix, _ in self.ns.births.walk(first, last):
+            if table_id == self.ns.entries.table_id:
+                entries.add(prefix)
+            elif table_id == self.ns.inodes.table_id:
+                inodes.add(U64.unpack(prefix)[0])
+        return entries, inodes
 
     def _kind(self, epoch: int, ino: int) -> int | None:
         """The inode's mode at `epoch`, None if it does not exist there."""

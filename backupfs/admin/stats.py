@@ -18,7 +18,6 @@ from ..namespace.records import U64
 from .progress import progress_bar
 from .verify import LAST_NAME
 
-PIECE = 10_000  # versions read from an epoch index at a time
 
 
 def file_usage(view, ino: int, locations: dict) -> tuple[int, int] | None:
@@ -41,20 +40,12 @@ def changed_files(ns, first: int, last: int) -> set[int]:
     """The inodes whose record or block map has a version born in the epochs first..last:
     the only files whose usage can differ between the views at first - 1 and at last. A
     version stops being seen only where the next one of its key is born, a value or a
-    tombstone (versions.py), so the births alone say what changed. Read in pieces, so
-    that the first view's walk (everything is born before it) does not hold every
+    tombstone (versions.py), so the births alone say what changed. Read in pieces
+    (`walk`), so that the first view's walk (everything is born before it) does not hold every
     version in memory at once."""
     tables = (ns.inodes.table_id, ns.blockmap.table_id)
-    inos: set[int] = set()
-    after = None
-    while True:
-        piece = ns.births.between(first, last, after, limit=PIECE)
-        for _, table_id, prefix, _ in piece:
-            if table_id in tables:
-                inos.add(U64.unpack_from(prefix)[0])
-        if len(piece) < PIECE:
-            return inos
-        after = ns.births.key_of(*piece[-1][:3])
+    return {U64.unpack_from(prefix)[0] for _, table_id, prefix, _ in ns.births.walk(first, last)
+            if table_id in tables}
 
 
 def usage_by_view(ns, epochs: list[int], locations: dict, step=lambda: None) -> dict[int, dict]:

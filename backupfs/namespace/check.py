@@ -89,7 +89,7 @@ def check_versions(ns, progress=None) -> VersionReport:
     for (killer, table_id, prefix), born in expected_dead.items():
         report.issues.append(VersionIssue("deadlist-missing", names[table_id], prefix, born,
                                           killer))
-    for born, table_id, prefix, _ in ns.births.between(0, MAX_EPOCH):
+    for born, table_id, prefix, _ in ns.births.walk(0, MAX_EPOCH):
         if (table_id, prefix, born) not in stored:
             report.issues.append(VersionIssue("births-extra", names.get(table_id, "?"),
                                               prefix, born))

@@ -7,7 +7,7 @@ between two snapshots (`diff`), cost what changed, not the size of the tree.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .records import U64
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .versions import VersionedTable
 
 _HEAD = struct.Struct(">QB")
+WALK_PIECE = 10_000  # entries read at a time by `walk`
 
 
 class EpochIndex:
@@ -52,6 +53,18 @@ class EpochIndex:
                 break
             out.append((epoch, table_id, bytes(k[_HEAD.size:]), v))
         return out
+
+    def walk(self, first: int, last: int, piece: int = WALK_PIECE
+             ) -> Iterator[tuple[int, int, bytes, bytes]]:
+        """`between(first, last)` read `piece` entries at a time, so that a walk of a
+        long range (the oldest view's, where everything was born) never holds it all."""
+        after = None
+        while True:
+            got = self.between(first, last, after, limit=piece)
+            yield from got
+            if len(got) < piece:
+                return
+            after = self.key_of(*got[-1][:3])
 
     @staticmethod
     def key_of(epoch: int, table_id: int, prefix: bytes) -> bytes:
