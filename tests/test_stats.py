@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backupfs.admin.stats import usage_by_view
-from backupfs.admin.verify import walk_files
+from backupfs.admin.block_users import walk_files
 from backupfs.namespace import ROOT_INO
 from test_namespace_gc import BS, CONTENTS, FILES, fresh_namespace
 

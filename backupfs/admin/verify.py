@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import CorruptBlock
-from ..namespace import ROOT_INO, Namespace
+from ..namespace import Namespace
 from ..store import Store
+from .block_users import paths, users_by_view
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -170,30 +170,18 @@ def _count(state: VerifyState, loc, size: int, err: Exception | None) -> None:
 
 def name_users(ns, state: VerifyState) -> None:
     """Fill in, for each bad block, every path in the live tree and the snapshots that
-    uses it. A walk of every view: only done when something is bad."""
-    bad = {b["hash"]: b for b in state.bad}
+    uses it: the oldest view's block map once, then what changed (block_users.py)."""
+    bad = {bytes.fromhex(b["hash"]): b for b in state.bad}
     if not bad:
         return
-    views = [("live", ns.live)] + [(f"snapshot {r.name}", ns.view(r.epoch))
-                                   for r in ns.snapshots()]
-    for where, view in views:
-        for path, attr in walk_files(view):
-            for _, h in view.block_range(attr.ino):
-                b = bad.get(h.hex())
-                if b is not None:
-                    use = f"{where}: {path.decode(errors='surrogateescape')}"
-                    if use not in b["used_by"]:
-                        b["used_by"].append(use)
-
-
-def walk_files(view):
-    """(path, Attr) of every regular file in a view, depth first."""
-    stack = [(ROOT_INO, b"")]
-    while stack:
-        ino, path = stack.pop()
-        for name, attr in view.readdir(ino):
-            p = path + b"/" + name
-            if stat.S_ISDIR(attr.mode):
-                stack.append((attr.ino, p))
-            elif stat.S_ISREG(attr.mode):
-                yield p, attr
+    records = ns.snapshots()
+    where = {r.epoch: f"snapshot {r.name}" for r in records}
+    where[ns.epoch] = "live"
+    for epoch, users in users_by_view(ns, [r.epoch for r in records] + [ns.epoch], set(bad)):
+        view = ns.live if epoch == ns.epoch else ns.view(epoch)
+        for ino, names in paths(ns, view, users).items():
+            for path in names:
+                use = f"{where[epoch]}: {path.decode(errors='surrogateescape')}"
+                for h in users[ino]:
+                    if use not in bad[h]["used_by"]:
+                        bad[h]["used_by"].append(use)

@@ -1,0 +1,123 @@
+"""Which files use given blocks, in the live tree and every snapshot, at the cost of what
+changed between them.
+
+`verify` names every path that uses a bad block. Walking every view for that costs
+snapshots x files, and it is needed just when a disk starts to fail: a year of daily
+snapshots of a million files would be hours. A view's block map differs from the one
+before it only where a version was born between them (the births index; see
+snapshot_trees.py), so the oldest view's block map is read whole once, and each later
+view is the one before it plus those births.
+
+Paths come from the parent an inode records and the entry there that names it, cached
+per view for directories. A file with more than one name, or whose recorded parent no
+longer names it, is looked for by walking that view's tree, as all of them once were.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import Counter
+from typing import Iterable, Iterator
+
+from ..namespace import ROOT_INO
+from ..namespace.records import U64, entry_name
+
+
+def users_by_view(ns, epochs: list[int], wanted: set[bytes]
+                  ) -> Iterator[tuple[int, dict[int, set[bytes]]]]:
+    """For each of `epochs` (ascending): the files whose block map names any of the
+    `wanted` hashes there, with the hashes each names (files that have no name in the
+    view included: `paths` leaves them out)."""
+    refs: dict[int, Counter] = {}
+    before = None
+    for epoch in epochs:
+        if before is None:
+            for prefix, h in ns.blockmap.scan(b"", epoch):
+                if h in wanted:
+                    refs.setdefault(U64.unpack_from(prefix)[0], Counter())[h] += 1
+        else:
+            for prefix in _blockmap_births(ns, before + 1, epoch):
+                ino = U64.unpack_from(prefix)[0]
+                for h, sign in ((ns.blockmap.read(prefix, before), -1),
+                                (ns.blockmap.read(prefix, epoch), 1)):
+                    if h in wanted:
+                        counts = refs.setdefault(ino, Counter())
+                        counts[h] += sign
+                        if counts[h] == 0:
+                            del counts[h]
+                            if not counts:
+                                del refs[ino]
+        before = epoch
+        yield epoch, {ino: set(c) for ino, c in refs.items()}
+
+
+def _blockmap_births(ns, first: int, last: int) -> Iterator[bytes]:
+    table = ns.blockmap.table_id
+    return (prefix for _, table_id, prefix, _ in ns.births.walk(first, last)
+            if table_id == table)
+
+
+def paths(ns, view, inos: Iterable[int]) -> dict[int, list[bytes]]:
+    """Every path in `view` of each regular file of `inos` that has a name there."""
+    found: dict[int, list[bytes]] = {}
+    dirs: dict[int, bytes | None] = {ROOT_INO: b""}
+    lost = set()
+    for ino in inos:
+        try:
+            attr = view.getattr(ino)
+        except OSError:
+            continue
+        if not stat.S_ISREG(attr.mode) or attr.nlink == 0:
+            continue
+        where = _dir_path(ns, view, attr.parent, dirs) if attr.nlink == 1 else None
+        name = None if where is None else _name_in(ns, view, attr.parent, ino)
+        if name is None:
+            lost.add(ino)
+        else:
+            found[ino] = [where + b"/" + name]
+    if lost:
+        for path, attr in walk_files(view):
+            if attr.ino in lost:
+                found.setdefault(attr.ino, []).append(path)
+    return found
+
+
+def _name_in(ns, view, parent: int, ino: int) -> bytes | None:
+    want = U64.pack(ino)
+    for prefix, v in ns.entries.scan(U64.pack(parent), view.epoch):
+        if v == want:
+            return entry_name(prefix)
+    return None
+
+
+def _dir_path(ns, view, d: int, known: dict[int, bytes | None]) -> bytes | None:
+    """The path of directory d (b"" for the root), None if its parents do not lead to
+    the root by names that exist."""
+    chain = []
+    while d not in known:
+        if len(chain) > 4096:  # no such depth in a sound tree: a loop
+            return None
+        chain.append(d)
+        try:
+            d = view.getattr(d).parent
+        except OSError:
+            known[d] = None
+    path = known[d]
+    for child in reversed(chain):
+        name = None if path is None else _name_in(ns, view, d, child)
+        path = known[child] = None if name is None else path + b"/" + name
+        d = child
+    return path
+
+
+def walk_files(view):
+    """(path, Attr) of every regular file in a view, depth first."""
+    stack = [(ROOT_INO, b"")]
+    while stack:
+        ino, path = stack.pop()
+        for name, attr in view.readdir(ino):
+            p = path + b"/" + name
+            if stat.S_ISDIR(attr.mode):
+                stack.append((attr.ino, p))
+            elif stat.S_ISREG(attr.mode):
+                yield p, attr
