@@ -170,18 +170,18 @@ def test_round_trip_100mib_survives_remount(mount_factory):
     m.stop()
 
 
-def test_mount_reads_ahead_two_megabytes(shared_mount):
+def test_mount_reads_ahead_four_megabytes(shared_mount):
     """The daemon raises the mount's read-ahead from the kernel's 128 KiB, so sequential
-    reads arrive as 1 MiB requests, two at a time (the kernel caps it at the INIT reply:
+    reads arrive as 1 MiB requests, four at a time (the kernel caps it at the INIT reply:
     it must be raised after the mount answered)."""
     mountpoint = str(shared_mount.path.resolve())
     device = next(line.split()[2] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                   if line.split()[4] == mountpoint)
     knob = Path("/sys/class/bdi", device, "read_ahead_kb")
     deadline = time.monotonic() + 10
-    while knob.read_text().strip() != "2048" and time.monotonic() < deadline:
+    while knob.read_text().strip() != "4096" and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert knob.read_text().strip() == "2048"
+    assert knob.read_text().strip() == "4096"
 
 
 def test_overwrite_inside_stored_block(d):
