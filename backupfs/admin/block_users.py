@@ -8,9 +8,10 @@ before it only where a version was born between them (the births index; see
 snapshot_trees.py), so the oldest view's block map is read whole once, and each later
 view is the one before it plus those births.
 
-Paths come from the parent an inode records and the entry there that names it, cached
-per view for directories. A file with more than one name, or whose recorded parent no
-longer names it, is looked for by walking that view's tree, as all of them once were.
+Paths come from the parent an inode records and the entry there that names it, one
+pass over each such directory per view, and directories' paths are cached per view. A
+file with more than one name, or whose recorded parent does not name it, is looked
+for by walking that view's tree, as all of them once were.
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ def _blockmap_births(ns, first: int, last: int) -> Iterator[bytes]:
 
 def paths(ns, view, inos: Iterable[int]) -> dict[int, list[bytes]]:
     """Every path in `view` of each regular file of `inos` that has a name there."""
-    found: dict[int, list[bytes]] = {}
-    dirs: dict[int, bytes | None] = {ROOT_INO: b""}
+    by_parent: dict[int, set[int]] = {}
     lost = set()
     for ino in inos:
         try:
@@ -69,12 +69,20 @@ def paths(ns, view, inos: Iterable[int]) -> dict[int, list[bytes]]:
             continue
         if not stat.S_ISREG(attr.mode) or attr.nlink == 0:
             continue
-        where = _dir_path(ns, view, attr.parent, dirs) if attr.nlink == 1 else None
-        name = None if where is None else _name_in(ns, view, attr.parent, ino)
-        if name is None:
-            lost.add(ino)
+        if attr.nlink == 1:
+            by_parent.setdefault(attr.parent, set()).add(ino)
         else:
-            found[ino] = [where + b"/" + name]
+            lost.add(ino)
+    found: dict[int, list[bytes]] = {}
+    dirs: dict[int, bytes | None] = {ROOT_INO: b""}
+    for parent, children in by_parent.items():
+        names = _names_in(ns, view, parent, children)  # one pass over a big directory
+        where = _dir_path(ns, view, parent, dirs)
+        for ino in children:
+            if where is None or ino not in names:
+                lost.add(ino)  # its recorded parent does not name it
+            else:
+                found[ino] = [where + b"/" + names[ino]]
     if lost:
         for path, attr in walk_files(view):
             if attr.ino in lost:
@@ -82,12 +90,16 @@ def paths(ns, view, inos: Iterable[int]) -> dict[int, list[bytes]]:
     return found
 
 
-def _name_in(ns, view, parent: int, ino: int) -> bytes | None:
-    want = U64.pack(ino)
+def _names_in(ns, view, parent: int, inos: set[int]) -> dict[int, list[bytes]]:
+    """A name directory `parent` gives each of `inos`, read until each has one."""
+    names: dict[int, bytes] = {}
     for prefix, v in ns.entries.scan(U64.pack(parent), view.epoch):
-        if v == want:
-            return entry_name(prefix)
-    return None
+        ino = U64.unpack(v)[0]
+        if ino in inos and ino not in names:
+            names[ino] = entry_name(prefix)
+            if len(names) == len(inos):
+                break
+    return names
 
 
 def _dir_path(ns, view, d: int, known: dict[int, bytes | None]) -> bytes | None:
@@ -104,7 +116,7 @@ def _dir_path(ns, view, d: int, known: dict[int, bytes | None]) -> bytes | None:
             known[d] = None
     path = known[d]
     for child in reversed(chain):
-        name = None if path is None else _name_in(ns, view, d, child)
+        name = None if path is None else _names_in(ns, view, d, {child}).get(child)
         path = known[child] = None if name is None else path + b"/" + name
         d = child
     return path

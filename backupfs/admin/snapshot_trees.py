@@ -11,12 +11,12 @@ with the snapshots it is seen in.
 What is checked in each snapshot, over every entry and inode it holds (not only those
 reachable from the root, which a walk would see):
 - every entry names an inode that exists (`dangling-entry`);
-- entries lie only in directories that exist (`stray-entry`);
+- entries lie only in inodes that exist and are directories (`stray-entry`);
 - each inode's link count: the entries naming it, 2 plus its subdirectories for a
   directory, 0 for one that nothing names (an unlinked file still open, `orphan`).
 
-This trusts the births index, which `check_versions` checks first; if it found the index
-wrong, every snapshot is counted whole instead (`Namespace`'s views do not need it).
+This trusts the births index, which `check_versions` checks first. If that found the
+index wrong, every snapshot is counted whole instead, which reads only the tables.
 """
 
 from __future__ import annotations
