@@ -121,8 +121,23 @@ def test_verify_names_every_file_and_snapshot_using_a_bad_block(tmp_path):
     assert users == sorted([f"live: /hurt"] + [f"snapshot {n}: /hurt" for n in seen if n != "live"])
     # The human form says the same, and the state is not left behind.
     r = backupfs("verify", path, check=False)
-    assert r.returncode == 1 and "BAD block" in r.stdout and "live: /hurt" in r.stdout
+    snaps = ", ".join(n for n in seen if n != "live")
+    assert r.returncode == 1 and "BAD block" in r.stdout
+    assert f"    /hurt: live and snapshots {snaps}\n" in r.stdout, r.stdout
     assert not (path / "verify-state.json").exists()
+
+
+def test_verify_prints_a_bad_blocks_uses_a_line_per_path():
+    from backupfs.cli.admin_cmds import _uses_by_path
+    year = [f"snapshot 2026-{m:02d}-01T000000Z" for m in range(1, 13)]
+    uses = [f"{w}: /old" for w in year] + ["live: /old", "snapshot 2026-12-01T000000Z: /x y",
+                                             "live: /a: b"]
+    assert _uses_by_path(uses) == [
+        "/old: live and 12 snapshots, 2026-01-01T000000Z to 2026-12-01T000000Z",
+        "/x y: snapshot 2026-12-01T000000Z",
+        "/a: b: live"]
+    assert _uses_by_path([f"{w}: /f" for w in year[:3]]) == [
+        "/f: snapshots 2026-01-01T000000Z, 2026-02-01T000000Z, 2026-03-01T000000Z"]
 
 
 def test_verify_resumes_after_max_duration(tmp_path):

@@ -104,8 +104,8 @@ def verify_cmd(target, snapshot, sample, max_duration, restart, as_json):
     else:
         for b in state.bad_blocks:
             click.echo(f"BAD block {b.hash} (pack {b.pack_id}, offset {b.offset}): {b.reason}")
-            for use in b.used_by or ["(no file uses it)"]:
-                click.echo(f"    {use}")
+            for line in _uses_by_path(b.used_by) or ["(no file uses it)"]:
+                click.echo(f"    {line}")
         done = "verified" if state.finished else "paused after"
         click.echo(f"{done} {state.checked} blocks ({_size(state.bytes)}): "
                    f"{len(state.bad)} bad")
@@ -113,6 +113,25 @@ def verify_cmd(target, snapshot, sample, max_duration, restart, as_json):
         raise SystemExit(1)
     if state.finished is None:
         raise SystemExit(2)
+
+
+def _uses_by_path(used_by: list[str]) -> list[str]:
+    """"where: path" uses as one line per path: a file unchanged for a year of daily
+    snapshots is one line, not 366 (`--json` keeps every use)."""
+    wheres: dict[str, list[str]] = {}
+    for use in used_by:
+        where, _, path = use.partition(": ")
+        wheres.setdefault(path, []).append(where)
+    lines = []
+    for path, seen in wheres.items():
+        snaps = [w.removeprefix("snapshot ") for w in seen if w != "live"]
+        parts = ["live"] if "live" in seen else []
+        if len(snaps) > 3:
+            parts.append(f"{len(snaps)} snapshots, {snaps[0]} to {snaps[-1]}")
+        elif snaps:
+            parts.append(("snapshot " if len(snaps) == 1 else "snapshots ") + ", ".join(snaps))
+        lines.append(f"{path}: {' and '.join(parts)}")
+    return lines
 
 
 # -- fsck --------------------------------------------------------------------------------
