@@ -177,11 +177,13 @@ def name_users(ns, state: VerifyState) -> None:
     records = ns.snapshots()
     where = {r.epoch: f"snapshot {r.name}" for r in records}
     where[ns.epoch] = "live"
+    named = {h: set(b["used_by"]) for h, b in bad.items()}  # a block in many files is many uses
     for epoch, users in users_by_view(ns, [r.epoch for r in records] + [ns.epoch], set(bad)):
         view = ns.live if epoch == ns.epoch else ns.view(epoch)
         for ino, names in paths(ns, view, users).items():
             for path in names:
                 use = f"{where[epoch]}: {path.decode(errors='surrogateescape')}"
                 for h in users[ino]:
-                    if use not in bad[h]["used_by"]:
+                    if use not in named[h]:
+                        named[h].add(use)
                         bad[h]["used_by"].append(use)
