@@ -30,7 +30,12 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import backupfs, pyfuse3, pytest_trio, hypothesis' >/dev/null 2>&1 \
+# Checked from / and against this checkout: run here, `import backupfs` would find the
+# package in the working directory even when the editable install points at a checkout
+# that was moved or removed, and the commands at system paths below would then fail.
+here=$(pwd -P)
+if ! (cd / && "$here/.venv/bin/python" -c "import sys, backupfs, pyfuse3, pytest_trio, hypothesis
+sys.exit(backupfs.__path__[0] != '$here/backupfs')") >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
     echo "setup: installing backupfs and its dependencies into .venv" >&2
     .venv/bin/pip install -q --upgrade pip
