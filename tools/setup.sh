@@ -34,8 +34,8 @@ fi
 # package in the working directory even when the editable install points at a checkout
 # that was moved or removed, and the commands at system paths below would then fail.
 here=$(pwd -P)
-if ! (cd / && "$here/.venv/bin/python" -c "import sys, backupfs, pyfuse3, pytest_trio, hypothesis
-sys.exit(backupfs.__path__[0] != '$here/backupfs')") >/dev/null 2>&1 \
+if ! (cd / && "$here/.venv/bin/python" -c 'import sys, backupfs, pyfuse3, pytest_trio, hypothesis
+sys.exit(backupfs.__path__[0] != sys.argv[1])' "$here/backupfs") >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
     echo "setup: installing backupfs and its dependencies into .venv" >&2
     .venv/bin/pip install -q --upgrade pip
