@@ -6,8 +6,9 @@
 
 A VERSION is a source tree of backupfs (a checkout or `git worktree`), optionally with
 `@ENV` appended, which sets the daemon's BFS_EXP variable for experiment switches; the
-word `memfs` is this tree's tools/memfs.py. Each version gets its own copy of one store
-holding 1 GiB of bench_fs's data, and every version is mounted at once. Then each round
+word `memfs` is this tree's tools/memfs.py. Each version gets its own copy of a store
+holding 1 GiB of bench_fs's data, written by its own tree's code (so versions of
+different store formats compare), and every version is mounted at once. Then each round
 drops the page cache and reads the same cold segment from each mount, in a shuffled
 order; the next round takes the next segment. It prints each version's median MB/s, the
 CPU its processes (daemon and decoders) and the whole machine spent per GiB, and how
@@ -47,6 +48,7 @@ class Version:
     def __init__(self, spec: str, work: Path, index: int):
         self.spec = spec
         tree, _, exp = spec.partition("@")
+        self.tree = tree
         self.memfs = tree == "memfs"
         self.env = dict(os.environ, BFS_EXP=exp)
         if not self.memfs:
@@ -124,11 +126,11 @@ def read_segment(v: Version, offset: int, size: int) -> None:
     v.busy.append((busy_cpu_s() - busy) * (1 << 30) / n)
 
 
-def make_template(work: Path, data: bytes) -> Path:
-    """A store holding the data as `big`, written through a mount of this tree's code."""
-    store, mnt = work / "template", work / "mnt-template"
+def make_template(work: Path, data: bytes, tree: str, index: int) -> Path:
+    """A store holding the data as `big`, written through a mount of `tree`'s code."""
+    store, mnt = work / f"template-{index}", work / f"mnt-template-{index}"
     mnt.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
     bfs = [PY, "-m", "backupfs"]
     subprocess.run([*bfs, "init", str(store)], check=True, capture_output=True, env=env, cwd="/tmp")
     subprocess.run([*bfs, "mount", str(store), str(mnt)], check=True, capture_output=True,
@@ -172,9 +174,11 @@ def main() -> None:
     data = mixed_data(args.size)
     versions = [Version(spec, work, i) for i, spec in enumerate(args.versions)]
     try:
-        template = make_template(work, data)
+        templates: dict[str, Path] = {}
         for v in versions:
-            v.mount(template, data)
+            if not v.memfs and v.tree not in templates:
+                templates[v.tree] = make_template(work, data, v.tree, len(templates))
+            v.mount(templates.get(v.tree, work), data)
         del data
         segments = args.size // args.segment
         for r in range(args.rounds):
