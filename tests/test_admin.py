@@ -12,7 +12,7 @@ import pytest
 
 from backupfs.namespace import ROOT_INO, Namespace
 from backupfs.namespace.records import U64, entry_prefix
-from backupfs.store import Store
+from backupfs.store import Store, codec
 from mounting import backupfs
 
 BS = 4096
@@ -125,6 +125,31 @@ def test_verify_names_every_file_and_snapshot_using_a_bad_block(tmp_path):
     assert r.returncode == 1 and "BAD block" in r.stdout
     assert f"    /hurt: live and snapshots {snaps}\n" in r.stdout, r.stdout
     assert not (path / "verify-state.json").exists()
+
+
+def test_verify_finds_a_forged_record(tmp_path):
+    """A record rewritten whole, other bytes with their own XXH3, passes a read (a
+    checksum guards against damage, not forgery); verify checks BLAKE3 too."""
+    path = tmp_path / "s"
+    build_store(path, {b"f": os.urandom(BS)}, snapshots=0)
+    with Store.open(path, readonly=True) as store:
+        ns = Namespace(store)
+        h = ns.live.block_hash(ns.live.child(ROOT_INO, b"f"), 0)
+        loc = store.blocks.locate(h)
+        pack = store.packs.path(loc.pack_id)
+        forgery = os.urandom(BS)
+        forged = codec.encode(forgery, store.config.compression, digest=h, checked=True)
+    assert len(forged.payload) == loc.stored_len
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset)
+        f.write(b"".join(forged.record_parts()))
+    with Store.open(path, readonly=True) as store:
+        assert store.blocks.get(h) == forgery
+    r = backupfs("verify", path, "--json", check=False)
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert [b["hash"] for b in out["bad"]] == [h.hex()]
+    assert "BLAKE3" in out["bad"][0]["reason"] and out["bad"][0]["used_by"] == ["live: /f"]
 
 
 def test_verify_prints_a_bad_blocks_uses_a_line_per_path():

@@ -66,7 +66,7 @@ def test_mount_missing_mountpoint(store, tmp_path):
 @pytest.mark.parametrize("foreground", [False, True])
 def test_mount_unknown_format_version(store, tmp_path, foreground):
     cfg = store / "config.toml"
-    cfg.write_text(cfg.read_text().replace("format_version = 1", "format_version = 9"))
+    cfg.write_text(cfg.read_text().replace("format_version = 2", "format_version = 9"))
     (tmp_path / "mnt").mkdir()
     args = ("mount", "-f") if foreground else ("mount",)
     fails_with(*args, store, tmp_path / "mnt", match="format version 9 is not supported")

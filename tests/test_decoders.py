@@ -75,23 +75,26 @@ def decoder_pids(parent: int, expect: int | None = None) -> list[int]:
 # -- decoding into a buffer ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["version 1", "checked"])
 @pytest.mark.parametrize("data", [b"", b"x", text(7), noise(8), text(9, 5000)],
                          ids=["empty", "one byte", "text", "noise", "short text"])
-def test_decode_record_into_gives_what_decode_record_gives(data):
-    block = codec.encode(data, codec.Compression("zstd", 3))
+def test_decode_record_into_gives_what_decode_record_gives(data, checked):
+    block = codec.encode(data, codec.Compression("zstd", 3), checked=checked)
     record = b"".join(block.record_parts())
     dest = bytearray(len(data) + 2)
     codec.decode_record_into(record, block.hash, memoryview(dest)[1:1 + len(data)], 1, 16)
     assert bytes(dest[1:-1]) == data == codec.decode_record(record, block.hash, 1, 16)
+    assert codec.decode_record(record, block.hash, 1, 16, full=True) == data
     assert dest[0] == dest[-1] == 0  # nothing outside its place
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["version 1", "checked"])
 @pytest.mark.parametrize("data, stored_as", [(text(10), codec.CODEC_ZSTD),
                                              (noise(11), codec.CODEC_RAW)], ids=["zstd", "raw"])
-def test_decode_record_into_refuses_damage_and_wrong_sizes(data, stored_as):
-    block = codec.encode(data, codec.Compression("zstd", 3))
+def test_decode_record_into_refuses_damage_and_wrong_sizes(data, stored_as, checked):
+    block = codec.encode(data, codec.Compression("zstd", 3), checked=checked)
     record = bytearray(b"".join(block.record_parts()))
-    assert block.codec == stored_as
+    assert block.codec == stored_as | (codec.CHECKED if checked else 0)
     with pytest.raises(CorruptBlock, match="raw length differs"):
         codec.decode_record_into(bytes(record), block.hash, memoryview(bytearray(BS - 1)), 1, 16)
     record[RECORD_HEADER_LEN + len(record) // 3] ^= 0x04

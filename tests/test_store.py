@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from backupfs.errors import CorruptBlock, MissingBlock, StoreError, StoreInUse
 from backupfs.store import CompactResult, Store, block_hash, codec, index, pack_maps
 from backupfs.store.blockstore import INLINE_HASH_MAX, INLINE_READ_MAX, cpu_limiter
-from backupfs.store.codec import CODEC_RAW, CODEC_ZSTD, RECORD_HEADER_LEN
+from backupfs.store.codec import (CHECK_LEN, CODEC_RAW, CODEC_RAW_CHECKED, CODEC_ZSTD,
+                                  CODEC_ZSTD_CHECKED, RECORD_HEADER_LEN)
 from backupfs.store.compaction import PackCompaction
 from backupfs.store.packs import PACK_HEADER, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION
 
@@ -99,9 +100,9 @@ def test_round_trip_random_compressible_empty(opened):
     for name, data in blocks.items():
         assert hashes[name] == block_hash(data)
         assert s.blocks.get(hashes[name]) == data, name  # before the commit
-    assert s.blocks.locate(hashes["random"]).codec == CODEC_RAW
+    assert s.blocks.locate(hashes["random"]).codec == CODEC_RAW_CHECKED
     comp = s.blocks.locate(hashes["compressible"])
-    assert comp.codec == CODEC_ZSTD and comp.stored_len < comp.raw_len // 10
+    assert comp.codec == CODEC_ZSTD_CHECKED and comp.stored_len < comp.raw_len // 10
     s = opened.reopen()
     for name, data in blocks.items():
         assert s.blocks.get(hashes[name]) == data, name
@@ -128,8 +129,9 @@ async def test_a_hurried_put_compresses_at_level_1_unless_fixed(tmp_path, adapti
         assert s.config.compression.adaptive is adaptive
         hurried = await s.blocks.put_many(blocks[:1], hurry=True)
         calm = await s.blocks.put_many(blocks[1:])
-        assert s.blocks.locate(hurried[0]).stored_len == (level[1] if adaptive else level[3])
-        assert s.blocks.locate(calm[0]).stored_len == len(
+        assert s.blocks.locate(hurried[0]).stored_len == CHECK_LEN + (
+            level[1] if adaptive else level[3])
+        assert s.blocks.locate(calm[0]).stored_len == CHECK_LEN + len(
             zstandard.ZstdCompressor(level=3, write_content_size=True).compress(blocks[1]))
         assert [s.blocks.get(h) for h in hurried + calm] == blocks
     # The choice is kept in config.toml (a store from before it existed reads as adaptive).
@@ -146,7 +148,7 @@ def test_compression_none_stores_raw(tmp_path):
     with Store.open(tmp_path / "s") as s:
         h = s.blocks.put(text_block(2))
         loc = s.blocks.locate(h)
-        assert loc.codec == CODEC_RAW and loc.stored_len == loc.raw_len
+        assert loc.codec == CODEC_RAW_CHECKED and loc.stored_len == loc.raw_len + CHECK_LEN
         assert s.blocks.get(h) == text_block(2)
 
 
@@ -204,7 +206,7 @@ def test_refcount_zero_then_compact_frees_pack_bytes(store_dir):
         for h in doomed:
             s.blocks.decref(h)
         s.commit()
-        assert s.blocks.dead_bytes() == 4 * (RECORD_HEADER_LEN + 128 * KiB)
+        assert s.blocks.dead_bytes() == 4 * (RECORD_HEADER_LEN + CHECK_LEN + 128 * KiB)
         assert pack_bytes(store_dir) == before  # nothing freed before compaction
         result = s.blocks.compact(threshold=0.5)
         assert result.packs_rewritten == 1 and result.blocks_dropped == 4
@@ -385,7 +387,8 @@ def test_pack_rotation_path_and_header(store_dir):
                                                                     pack_id)
     with Store.open(store_dir, rotate_size=rotate) as s:
         assert [s.blocks.locate(h).pack_id for h in hs] == [1, 1, 2, 2, 3, 3, 4]
-        assert s.blocks.locate(hs[1]).offset == PACK_HEADER_LEN + RECORD_HEADER_LEN + 128 * KiB
+        assert s.blocks.locate(hs[1]).offset == (PACK_HEADER_LEN + RECORD_HEADER_LEN + CHECK_LEN
+                                                 + 128 * KiB)
         # a reopened store continues the newest pack while it has room
         h = s.blocks.put(random_block(rng))
         assert s.blocks.locate(h).pack_id == 4
@@ -443,7 +446,7 @@ def test_garbage_only_tail_is_ignored_by_readonly_open(store_dir):
 # -- corruption --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["payload", "header", "last"])
+@pytest.mark.parametrize("where", ["payload", "header", "check", "last"])
 @pytest.mark.parametrize("kind", ["random", "compressible"])
 async def test_flipped_byte_is_never_returned(store_dir, where, kind, monkeypatch):
     data = random_block(random.Random(9)) if kind == "random" else text_block(9)
@@ -454,6 +457,7 @@ async def test_flipped_byte_is_never_returned(store_dir, where, kind, monkeypatc
         s.blocks.get(h)  # a cached read handle must not hide the damage
         offset = {"payload": loc.offset + RECORD_HEADER_LEN + loc.stored_len // 2,
                   "header": loc.offset + 5,  # inside the raw length
+                  "check": loc.offset + RECORD_HEADER_LEN + CHECK_LEN // 2,
                   "last": loc.offset + loc.record_len - 1}[where]
         s.commit()
         flip_byte(pack_files(store_dir)[loc.pack_id], offset)
@@ -474,6 +478,72 @@ async def test_flipped_byte_is_never_returned(store_dir, where, kind, monkeypatc
                 await s.blocks.get_many([other, h])
         assert s.blocks.checksum_errors == 5
         assert s.blocks.get(other) == b"a neighbour"
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["random", "compressible", "short"]), checked=st.booleans(),
+       at=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_a_record_with_any_bit_flipped_reads_right_or_not_at_all(kind, checked, at, bit):
+    data = {"random": random_block(random.Random(3), 4 * KiB),
+            "compressible": text_block(3, 4 * KiB), "short": b"xy"}[kind]
+    block = codec.encode(data, codec.Compression("zstd", 3), checked=checked)
+    record = bytearray(b"".join(block.record_parts()))
+    record[int(at * len(record))] ^= 1 << bit
+    got = []
+    for read in (lambda: codec.decode_record(bytes(record), block.hash, 1, 16),
+                 lambda: codec.decode_record(bytes(record), block.hash, 1, 16, full=True),
+                 lambda: _decoded_into(record, block.hash, len(data))):
+        try:
+            got.append(read())
+        except CorruptBlock:
+            got.append(None)
+    assert all(g in (None, data) for g in got)
+    # Only the reserved header byte is not covered; everywhere else the damage shows.
+    assert got == [None, None, None] or int(at * len(record)) == 3
+
+
+def _decoded_into(record: bytearray, h: bytes, n: int) -> bytes:
+    dest = memoryview(bytearray(n))
+    codec.decode_record_into(bytes(record), h, dest, 1, 16)
+    return bytes(dest)
+
+
+def test_a_forged_checked_record_is_read_but_a_full_check_refuses_it(store_dir):
+    """XXH3 is a checksum, not a cryptographic hash: a record rewritten whole with other
+    bytes and their checksum passes a read. `full` (backupfs verify) checks BLAKE3
+    (test_admin.py: test_verify_finds_a_forged_record)."""
+    data, forgery = random_block(random.Random(5)), random_block(random.Random(6))
+    with Store.open(store_dir) as s:
+        h = s.blocks.put(data)
+        loc = s.blocks.locate(h)
+        s.commit()
+        forged = codec.encode(forgery, s.config.compression, digest=h, checked=True)
+        assert len(forged.payload) == loc.stored_len  # both stored raw
+        with open(pack_files(store_dir)[loc.pack_id], "r+b") as f:
+            f.seek(loc.offset)
+            f.write(b"".join(forged.record_parts()))
+        assert s.blocks.read_verified(loc) == forgery
+        with pytest.raises(CorruptBlock, match="BLAKE3"):
+            s.blocks.read_verified(loc, full=True)
+
+
+def test_a_version_1_store_stays_readable_by_the_backupfs_that_made_it(tmp_path):
+    """Opened by this version, a store of format version 1 keeps writing records without
+    the checksum (codecs 0 and 1), which the earlier backupfs reads."""
+    d = tmp_path / "s"
+    Store.init(d)
+    cfg = d / "config.toml"
+    cfg.write_text(cfg.read_text().replace("format_version = 2", "format_version = 1"))
+    blocks = [random_block(random.Random(7)), text_block(7)]
+    with Store.open(d) as s:
+        assert s.config.format_version == 1 and not s.blocks.checked_records
+        hashes = [s.blocks.put(b) for b in blocks]
+        assert [s.blocks.locate(h).codec for h in hashes] == [CODEC_RAW, CODEC_ZSTD]
+    with Store.open(d) as s:
+        assert [s.blocks.get(h) for h in hashes] == blocks
+        assert [len(s.blocks.read_verified(s.blocks.locate(h), full=True))
+                for h in hashes] == [128 * KiB] * 2
+    assert "format_version = 1" in cfg.read_text()
 
 
 def test_missing_pack_file_is_a_corrupt_block(store_dir):
@@ -983,7 +1053,7 @@ def test_init_refuses_non_empty_dir_and_existing_store(tmp_path):
     cfg = Store.init(empty)  # an empty directory is fine
     assert cfg.block_size == 128 * KiB and str(cfg.compression) == "zstd:3"
     text = (empty / "config.toml").read_text()
-    assert "format_version = 1" in text and "block_size = 131072" in text
+    assert "format_version = 2" in text and "block_size = 131072" in text
 
 
 def test_init_rejects_bad_parameters(tmp_path):
@@ -1011,14 +1081,14 @@ def test_open_missing_or_foreign_store(tmp_path, store_dir):
         Store.open(no_index)
 
 
-@pytest.mark.parametrize("change", ["version 2", "no version", "bad toml", "bad block size",
+@pytest.mark.parametrize("change", ["version 3", "no version", "bad toml", "bad block size",
                                     "bad adaptive"])
 def test_open_rejects_bad_config(store_dir, change):
     cfg = store_dir / "config.toml"
     text = cfg.read_text()
     text = {
-        "version 2": text.replace("format_version = 1", "format_version = 2"),
-        "no version": text.replace("format_version = 1", ""),
+        "version 3": text.replace("format_version = 2", "format_version = 3"),
+        "no version": text.replace("format_version = 2", ""),
         "bad toml": text + "\n[[[\n",
         "bad block size": text.replace("block_size = 131072", "block_size = 1000"),
         "bad adaptive": text.replace("adaptive_compression = true",

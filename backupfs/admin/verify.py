@@ -101,7 +101,8 @@ def blocks_to_verify(store, ns, snapshot_epoch: int | None, sample: float | None
 
 def _check(store, loc) -> tuple[object, int, Exception | None]:
     try:
-        return loc, len(store.blocks.read_verified(loc)), None
+        # Full: the BLAKE3 address too, not only the checksum a read checks.
+        return loc, len(store.blocks.read_verified(loc, full=True)), None
     except (CorruptBlock, OSError) as e:
         return loc, 0, e
 

@@ -124,6 +124,8 @@ class BlockStore:
         self.store = store
         self.packs = store.packs
         self.compression = store.config.compression
+        # Stores of format version 2 write records that a read checks by XXH3-128.
+        self.checked_records = store.config.checked_records
         self.db = store.open_db("blocks")
         self.dead_db = store.open_db("dead")
         self.checksum_errors = 0
@@ -159,8 +161,11 @@ class BlockStore:
         """Store one block (or count one more reference to it); returns its hash."""
         h = codec.block_hash(data)
         if not self._incref_existing(h):
-            self._append_new(codec.encode(data, self.compression, h))
+            self._append_new(self._encode(data, self.compression, h))
         return h
+
+    def _encode(self, data: bytes, compression: Compression, h: bytes) -> EncodedBlock:
+        return codec.encode(data, compression, h, checked=self.checked_records)
 
     def _append_new(self, block: EncodedBlock, refcount: int = 1) -> None:
         self._index_new(block, *self.packs.append(*block.record_parts()), refcount=refcount)
@@ -210,7 +215,7 @@ class BlockStore:
                 if not self._incref_existing(h, n):
                     # Compaction dropped it while we were hashing, or the put_many that
                     # was storing it failed: store it here after all.
-                    self._append_new(codec.encode(data_of[h], self.compression, h), n)
+                    self._append_new(self._encode(data_of[h], self.compression, h), n)
                 owned.append((h, n))
         except BaseException:
             for h, n in owned:
@@ -241,7 +246,7 @@ class BlockStore:
 
         def store_one(item: tuple[bytes, bytes]) -> None:
             h, data = item
-            block = codec.encode(data, compression, h)
+            block = self._encode(data, compression, h)
             placed[h] = (block, *self.packs.append(*block.record_parts()))
 
         try:
@@ -304,19 +309,20 @@ class BlockStore:
 
     # -- reading ---------------------------------------------------------------------
 
-    def read_verified(self, loc: BlockLocation) -> bytes:
-        """Read and verify one block at a known location. Thread-safe (no LMDB access)."""
+    def read_verified(self, loc: BlockLocation, full: bool = False) -> bytes:
+        """Read and verify one block at a known location. Thread-safe (no LMDB access).
+        `full`: check its BLAKE3 address as well as the record's checksum (verify)."""
         try:
-            return self._read_checked(loc)
+            return self._read_checked(loc, full)
         except CorruptBlock as e:
             self._report(e)
             raise
 
-    def _read_checked(self, loc: BlockLocation) -> bytes:
+    def _read_checked(self, loc: BlockLocation, full: bool = False) -> bytes:
         record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
         if not record and not self.packs.path(loc.pack_id).exists():
             raise CorruptBlock(loc.hash, loc.pack_id, loc.offset, "pack file is missing")
-        return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset)
+        return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset, full)
 
     def _read_here_if_cached(self, locs: Sequence[BlockLocation]) -> list[bytes | None]:
         """The blocks read and checked in the calling (event loop) thread where the page

@@ -1,7 +1,12 @@
 """Block encoding: the hash that names a block, compression, and the record framing in packs.
 
-Everything here is pure CPU work on bytes, safe to call from worker threads: BLAKE3 and
-zstd release the GIL, so sealing and verifying blocks uses both cores.
+Everything here is pure CPU work on bytes, safe to call from worker threads: BLAKE3, XXH3
+and zstd release the GIL, so sealing and verifying blocks uses both cores.
+
+A block is named by BLAKE3 (a cryptographic hash: dedup trusts it). Records written by
+stores of format version 2 also carry an XXH3-128 checksum of the plaintext, which is
+what a read checks (a tenth of BLAKE3's cost here); `full=True` checks BLAKE3 as well,
+as `backupfs verify` does. The reasoning is in docs/architecture.md, "Checksums".
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 import blake3
+import xxhash
 import zstandard
 
 from ..errors import CorruptBlock
@@ -20,6 +26,12 @@ HASH_LEN = 32
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+# Added to a codec: the payload begins with CHECK_LEN bytes of XXH3-128 of the plaintext.
+CHECKED = 2
+CODEC_RAW_CHECKED = CODEC_RAW | CHECKED
+CODEC_ZSTD_CHECKED = CODEC_ZSTD | CHECKED
+CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_RAW_CHECKED, CODEC_ZSTD_CHECKED)
+CHECK_LEN = 16
 
 # Record header in a pack, before the stored bytes:
 #   magic 'BK', codec u8, reserved u8, raw length u32, stored length u32, hash 32 bytes
@@ -31,6 +43,11 @@ RECORD_HEADER_LEN = RECORD_HEADER.size  # 44
 def block_hash(data: bytes | memoryview) -> bytes:
     """The 32-byte BLAKE3 hash of a block's plaintext: its address in the store."""
     return blake3.blake3(data).digest()
+
+
+def record_check(data: bytes | memoryview) -> bytes:
+    """The 16-byte XXH3-128 checksum of a plaintext that a checked record carries."""
+    return xxhash.xxh3_128_digest(data)
 
 
 _local = threading.local()
@@ -72,22 +89,28 @@ class EncodedBlock:
 
 
 def encode(data: bytes | memoryview, compression: Compression,
-           digest: bytes | None = None) -> EncodedBlock:
+           digest: bytes | None = None, checked: bool = False) -> EncodedBlock:
     """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it.
-    Bytes or a read-only view are used as they are (a raw payload is the view itself)."""
+    `checked`: prefix the payload with the plaintext's XXH3-128 (format version 2).
+    Bytes or a read-only view are used as they are (an unchecked raw payload is the view
+    itself)."""
     if not (isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)):
         data = bytes(data)  # a bytearray could change under a raw payload
     h = digest if digest is not None else block_hash(data)
+    codec, payload = CODEC_RAW, data
     if compression.codec == "zstd" and data:
         packed = _compressor(compression.level).compress(data)
         if len(packed) < len(data):
-            return EncodedBlock(h, CODEC_ZSTD, len(data), packed)
-    return EncodedBlock(h, CODEC_RAW, len(data), data)
+            codec, payload = CODEC_ZSTD, packed
+    if checked:
+        return EncodedBlock(h, codec | CHECKED, len(data), record_check(data) + payload)
+    return EncodedBlock(h, codec, len(data), payload)
 
 
 def _checked_payload(record: bytes | memoryview, expected_hash: bytes, pack_id: int,
-                     offset: int) -> tuple[int, int, memoryview]:
-    """(codec, raw length, stored bytes) of a record whose framing names `expected_hash`."""
+                     offset: int) -> tuple[int, int, bytes | None, memoryview]:
+    """(codec, raw length, XXH3-128 checksum or None, stored bytes after it) of a record
+    whose framing names `expected_hash`."""
     if len(record) < RECORD_HEADER_LEN:
         raise CorruptBlock(expected_hash, pack_id, offset, "record is cut short")
     magic, codec, _, raw_len, stored_len, h = RECORD_HEADER.unpack_from(record)
@@ -99,18 +122,37 @@ def _checked_payload(record: bytes | memoryview, expected_hash: bytes, pack_id: 
     if len(payload) != stored_len:
         raise CorruptBlock(expected_hash, pack_id, offset,
                            "stored length does not match the record")
-    if codec not in (CODEC_RAW, CODEC_ZSTD):
+    if codec not in CODECS:
         raise CorruptBlock(expected_hash, pack_id, offset, f"unknown codec {codec}")
-    return codec, raw_len, payload
+    check = None
+    if codec & CHECKED:
+        if stored_len < CHECK_LEN:
+            raise CorruptBlock(expected_hash, pack_id, offset, "record is cut short")
+        check, payload = bytes(payload[:CHECK_LEN]), payload[CHECK_LEN:]
+    return codec & ~CHECKED, raw_len, check, payload
 
 
-def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int) -> bytes:
+def _verify(plain: bytes | memoryview, check: bytes | None, expected_hash: bytes,
+            full: bool, pack_id: int, offset: int) -> None:
+    """Raise CorruptBlock unless the plaintext matches its record's checksum and, where
+    the record has none or `full` asks, its BLAKE3 address."""
+    if check is not None and record_check(plain) != check:
+        raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
+    if (check is None or full) and block_hash(plain) != expected_hash:
+        raise CorruptBlock(expected_hash, pack_id, offset,
+                           "checksum mismatch" if check is None else
+                           "the plaintext is not the block its record names (BLAKE3)")
+
+
+def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int,
+                  full: bool = False) -> bytes:
     """Check a record read from a pack and return the block's plaintext.
 
-    Raises CorruptBlock on any mismatch: framing, lengths, decompression or hash.
-    Never returns bytes whose BLAKE3 hash is not `expected_hash`.
+    Raises CorruptBlock on any mismatch: framing, lengths, decompression or checksum.
+    Never returns bytes that fail the record's checksum (XXH3-128, or BLAKE3 for a record
+    without one); `full` also checks BLAKE3 against `expected_hash` (verify).
     """
-    codec, raw_len, payload = _checked_payload(record, expected_hash, pack_id, offset)
+    codec, raw_len, check, payload = _checked_payload(record, expected_hash, pack_id, offset)
     if codec == CODEC_RAW:
         data = bytes(payload)
     else:
@@ -118,20 +160,23 @@ def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int
             data = _decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
-    if len(data) != raw_len or block_hash(data) != expected_hash:
+    if len(data) != raw_len:
         raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
+    _verify(data, check, expected_hash, full, pack_id, offset)
     return data
 
 
 def decode_record_into(record: bytes | memoryview, expected_hash: bytes, dest: memoryview,
                        pack_id: int, offset: int) -> None:
     """`decode_record` writing the plaintext into `dest` (exactly the block's raw length)
-    instead of new bytes. The hash is checked over `dest` once written, so what the
+    instead of new bytes. The checksum is checked over `dest` once written, so what the
     caller hands on from there is exactly what was verified."""
-    codec, raw_len, payload = _checked_payload(record, expected_hash, pack_id, offset)
+    codec, raw_len, check, payload = _checked_payload(record, expected_hash, pack_id, offset)
     if len(dest) != raw_len:
         raise CorruptBlock(expected_hash, pack_id, offset, "raw length differs from the index")
     if codec == CODEC_RAW:
+        if len(payload) != raw_len:
+            raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
         dest[:] = payload
     else:
         try:
@@ -140,8 +185,7 @@ def decode_record_into(record: bytes | memoryview, expected_hash: bytes, dest: m
             raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
         if got != raw_len:
             raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
-    if block_hash(dest) != expected_hash:
-        raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
+    _verify(dest, check, expected_hash, False, pack_id, offset)
 
 
 def parse_record_header(header: bytes) -> tuple[int, int, int, bytes] | None:

@@ -15,7 +15,10 @@ import tomli_w
 
 from ..errors import StoreError
 
-FORMAT_VERSION = 1
+# 2: records carry an XXH3-128 checksum that reads check (codec.CHECKED). Stores of
+# version 1 are read and written as they are, so the backupfs that made them still can.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.toml"
 DEFAULT_BLOCK_SIZE = 128 * 1024
 DEFAULT_COMPRESSION = "zstd:3"
@@ -87,6 +90,11 @@ class StoreConfig:
     # Everything else in the file (the [schedule] table and future keys) is kept as read.
     extra: dict = field(default_factory=dict)
 
+    @property
+    def checked_records(self) -> bool:
+        """Whether new records carry the checksum reads check (format version 2)."""
+        return self.format_version >= 2
+
     def validate(self) -> None:
         bs = self.block_size
         if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
@@ -118,10 +126,10 @@ class StoreConfig:
         except OSError as e:
             raise StoreError(f"{path}: {e.strerror}") from None
         version = doc.pop("format_version", None)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise StoreError(
                 f"{store_dir}: store format version {version!r} is not supported "
-                f"(this backupfs reads version {FORMAT_VERSION})"
+                f"(this backupfs reads versions 1 and {FORMAT_VERSION})"
             )
         try:
             compression = Compression.parse(doc.pop("compression", DEFAULT_COMPRESSION))
