@@ -497,9 +497,9 @@ def test_a_record_with_any_bit_flipped_reads_right_or_not_at_all(kind, checked, 
             got.append(read())
         except CorruptBlock:
             got.append(None)
-    assert all(g in (None, data) for g in got)
-    # Only the reserved header byte is not covered; everywhere else the damage shows.
-    assert got == [None, None, None] or int(at * len(record)) == 3
+    # Right bytes may still come back: the reserved header byte, or a field of zstd's
+    # frame header that decoding does not need, can be damaged without harm.
+    assert all(g in (None, data) for g in got), got
 
 
 def _decoded_into(record: bytearray, h: bytes, n: int) -> bytes:

@@ -160,6 +160,12 @@ def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int
             data = _decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
+        except MemoryError:
+            # What zstandard's one-shot decompress raises for a frame whose (damaged)
+            # header asks for more memory than decoding may take; the output it would
+            # allocate is at most raw_len, a block.
+            raise CorruptBlock(expected_hash, pack_id, offset,
+                               "zstd: the frame asks for more memory than allowed") from None
     if len(data) != raw_len:
         raise CorruptBlock(expected_hash, pack_id, offset, "checksum mismatch")
     _verify(data, check, expected_hash, full, pack_id, offset)
