@@ -314,7 +314,6 @@ class Daemon:
                 raise SnapshotHeld(f"snapshot {r.name} is held; release it first")
         for r in records:
             await self.ops.delete_snapshot(r)
-            log.info("snapshot %s deleted", r.name)
         return [r.name for r in records]
 
     async def control_hold(self, name: str, hold: bool = True) -> dict:
@@ -331,8 +330,7 @@ class Daemon:
         if not dry_run:
             for d in decisions:
                 if not d.keep:
-                    await self.ops.delete_snapshot(d.snapshot)
-                    log.info("pruned snapshot %s", d.snapshot.name)
+                    await self.ops.delete_snapshot(d.snapshot, announce="pruned snapshot %s")
         return [{**snapshot_dict(d.snapshot), "keep": d.keep, "reasons": list(d.reasons)}
                 for d in decisions]
 

@@ -749,11 +749,15 @@ class BackupFS(pyfuse3.Operations):
     def find_snapshot(self, name: str):
         return self.snapshots.find(name)
 
-    async def delete_snapshot(self, record) -> None:
+    async def delete_snapshot(self, record, announce: str = "snapshot %s deleted") -> None:
         """Delete a snapshot. It disappears at once, for good (a crash leaves the next
         mount to finish); what only it sees is freed now, or, if files or directories
-        in it are open, when the last of them is closed (they read on till then)."""
+        in it are open, when the last of them is closed (they read on till then).
+        `announce` (with the name) is logged as soon as it is out of sight, before
+        anything an unmount could cancel, so that the log never misses a deletion (a
+        scheduled prune at unmount did)."""
         record = self.ns.mark_deleting(record.id)  # SnapshotHeld if it is held
+        log.info(announce, record.name)
         self.snapshots.hide(record)
         if not await self._delete_now(record):
             await self.txg.commit()
