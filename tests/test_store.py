@@ -518,7 +518,7 @@ def test_a_forged_checked_record_is_read_but_a_full_check_refuses_it(store_dir):
         loc = s.blocks.locate(h)
         s.commit()
         forged = codec.encode(forgery, s.config.compression, digest=h, checked=True)
-        assert len(forged.payload) == loc.stored_len  # both stored raw
+        assert forged.stored_len == loc.stored_len  # both stored raw
         with open(pack_files(store_dir)[loc.pack_id], "r+b") as f:
             f.seek(loc.offset)
             f.write(b"".join(forged.record_parts()))

@@ -172,7 +172,7 @@ class BlockStore:
 
     def _index_new(self, block: EncodedBlock, pack_id: int, offset: int,
                    refcount: int = 1) -> BlockLocation:
-        loc = BlockLocation(block.hash, pack_id, offset, len(block.payload), block.raw_len,
+        loc = BlockLocation(block.hash, pack_id, offset, block.stored_len, block.raw_len,
                             block.codec, refcount)
         self.store.txn.put(block.hash, loc.value(), db=self.db)
         return loc

@@ -79,21 +79,26 @@ class EncodedBlock:
     codec: int
     raw_len: int
     payload: bytes
+    check: bytes = b""  # a checked codec's XXH3-128, stored before the payload
+
+    @property
+    def stored_len(self) -> int:
+        return len(self.check) + len(self.payload)
 
     def record_parts(self) -> tuple[bytes, bytes]:
-        """The record's header and payload, to write one after the other."""
+        """The record's header (with the checksum) and payload, to write one after the
+        other: the payload, a block's worth, is not copied to put the checksum first."""
         header = RECORD_HEADER.pack(
-            RECORD_MAGIC, self.codec, 0, self.raw_len, len(self.payload), self.hash
+            RECORD_MAGIC, self.codec, 0, self.raw_len, self.stored_len, self.hash
         )
-        return header, self.payload
+        return header + self.check, self.payload
 
 
 def encode(data: bytes | memoryview, compression: Compression,
            digest: bytes | None = None, checked: bool = False) -> EncodedBlock:
     """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it.
-    `checked`: prefix the payload with the plaintext's XXH3-128 (format version 2).
-    Bytes or a read-only view are used as they are (an unchecked raw payload is the view
-    itself)."""
+    `checked`: the record carries the plaintext's XXH3-128 (format version 2).
+    Bytes or a read-only view are used as they are (a raw payload is the view itself)."""
     if not (isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)):
         data = bytes(data)  # a bytearray could change under a raw payload
     h = digest if digest is not None else block_hash(data)
@@ -103,7 +108,7 @@ def encode(data: bytes | memoryview, compression: Compression,
         if len(packed) < len(data):
             codec, payload = CODEC_ZSTD, packed
     if checked:
-        return EncodedBlock(h, codec | CHECKED, len(data), record_check(data) + payload)
+        return EncodedBlock(h, codec | CHECKED, len(data), payload, record_check(data))
     return EncodedBlock(h, codec, len(data), payload)
 
 
