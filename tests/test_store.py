@@ -508,25 +508,6 @@ def _decoded_into(record: bytearray, h: bytes, n: int) -> bytes:
     return bytes(dest)
 
 
-def test_a_forged_checked_record_is_read_but_a_full_check_refuses_it(store_dir):
-    """XXH3 is a checksum, not a cryptographic hash: a record rewritten whole with other
-    bytes and their checksum passes a read. `full` (backupfs verify) checks BLAKE3
-    (test_admin.py: test_verify_finds_a_forged_record)."""
-    data, forgery = random_block(random.Random(5)), random_block(random.Random(6))
-    with Store.open(store_dir) as s:
-        h = s.blocks.put(data)
-        loc = s.blocks.locate(h)
-        s.commit()
-        forged = codec.encode(forgery, s.config.compression, digest=h, checked=True)
-        assert forged.stored_len == loc.stored_len  # both stored raw
-        with open(pack_files(store_dir)[loc.pack_id], "r+b") as f:
-            f.seek(loc.offset)
-            f.write(b"".join(forged.record_parts()))
-        assert s.blocks.read_verified(loc) == forgery
-        with pytest.raises(CorruptBlock, match="BLAKE3"):
-            s.blocks.read_verified(loc, full=True)
-
-
 def test_a_version_1_store_stays_readable_by_the_backupfs_that_made_it(tmp_path):
     """Opened by this version, a store of format version 1 keeps writing records without
     the checksum (codecs 0 and 1), which the earlier backupfs reads."""

@@ -64,7 +64,8 @@ class Version:
         subprocess.run([PY, "-m", "backupfs", *args], check=True, capture_output=True,
                        env=self.env, cwd="/tmp")
 
-    def mount(self, template: Path, data: bytes) -> None:
+    def mount(self, template: Path | None, data: bytes) -> None:
+        """Mount a copy of `template` (a store), or memfs holding `data`."""
         self.mnt.mkdir(parents=True, exist_ok=True)
         if self.memfs:
             self.proc = subprocess.Popen([PY, str(HERE / "memfs.py"), str(self.mnt)])
@@ -178,7 +179,7 @@ def main() -> None:
         for v in versions:
             if not v.memfs and v.tree not in templates:
                 templates[v.tree] = make_template(work, data, v.tree, len(templates))
-            v.mount(templates.get(v.tree, work), data)
+            v.mount(templates.get(v.tree), data)
         del data
         segments = args.size // args.segment
         for r in range(args.rounds):
