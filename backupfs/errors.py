@@ -22,7 +22,9 @@ class StoreInUse(StoreError):
 class CorruptBlock(BackupfsError):
     """A block's bytes do not match its hash: the caller must never see them.
 
-    The filesystem turns this into EIO; verify and fsck report it.
+    The filesystem turns this into EIO; verify and fsck report it. A read through the
+    mount fills in `file` (how to name the file: its path, else its inode) and
+    `file_block` (the block's number in it) for its log line.
     """
 
     def __init__(self, block_hash: bytes, pack_id: int, offset: int, reason: str):
@@ -30,6 +32,8 @@ class CorruptBlock(BackupfsError):
         self.pack_id = pack_id
         self.offset = offset
         self.reason = reason
+        self.file: str | None = None
+        self.file_block: int | None = None
         super().__init__(
             f"corrupt block {block_hash.hex()} in pack {pack_id} at offset {offset}: {reason}"
         )

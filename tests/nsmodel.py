@@ -24,6 +24,7 @@ class MInode:
     target: bytes = b""
     blocks: dict[int, bytes] = field(default_factory=dict)
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    parent: int = ROOT_INO  # the directory it was last created, linked or renamed into
 
 
 class Model:
@@ -52,6 +53,18 @@ class Model:
 
         walk(ROOT_INO, b"")
         return out
+
+    def recorded_path(self, ino: int) -> bytes | None:
+        """What namespace.paths.path_of gives: the path of ino's recorded directory and
+        the first name there that names it, or None where there is none."""
+        names = [p for p, i in self.reachable().items()
+                 if i == ino and p.rpartition(b"/")[0] == self.dir_path(self.inodes[ino].parent)]
+        return min(names) if names else None
+
+    def dir_path(self, d: int) -> bytes | None:
+        if d == ROOT_INO:
+            return b""
+        return next((p for p, i in self.reachable().items() if i == d), None)
 
     def is_ancestor(self, a: int, ino: int) -> bool:
         """Directory a is ino or above it."""

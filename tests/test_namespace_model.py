@@ -25,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from backupfs.namespace import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Namespace,
                                 SnapshotHeld)
+from backupfs.namespace import paths
 from backupfs.store import Store
 from nsmodel import MInode, Model, assert_view_matches, check_versions_exact, expect_errno
 
@@ -93,7 +94,8 @@ class NamespaceMachine(RuleBasedStateMachine):
             mode |= stat.S_ISGID if kind == "dir" else 0
         self.model.inodes[attr.ino] = MInode(
             attr.ino, mode, 1000, gid, size=len(target or b""),
-            nlink=2 if kind == "dir" else 1, atime_ns=self.clock, target=target or b"")
+            nlink=2 if kind == "dir" else 1, atime_ns=self.clock, target=target or b"",
+            parent=parent)
         self.model.dirs[parent][name] = attr.ino
         if kind == "dir":
             self.model.dirs[attr.ino] = {}
@@ -109,6 +111,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         if expect_errno(code, self.live.link, ino, parent, name, self.now()) is not None:
             self.model.dirs[parent][name] = ino
             self.model.inodes[ino].nlink += 1
+            self.model.inodes[ino].parent = parent
 
     @rule(data=st.data(), name=NAMES)
     def unlink(self, data, name):
@@ -145,6 +148,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             return
         if outcome == "exchange":
             m.dirs[op][old_name], m.dirs[np_][new_name] = dst, src
+            m.inodes[src].parent, m.inodes[dst].parent = np_, op
             if op != np_:
                 delta = int(m.is_dir(src)) - int(m.is_dir(dst))
                 m.inodes[op].nlink -= delta
@@ -152,6 +156,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             return
         del m.dirs[op][old_name]
         m.dirs[np_][new_name] = src
+        m.inodes[src].parent = np_
         if m.is_dir(src) and op != np_:
             m.inodes[op].nlink -= 1
             m.inodes[np_].nlink += 1
@@ -313,6 +318,19 @@ class NamespaceMachine(RuleBasedStateMachine):
         assert [r.id for r in self.ns.snapshots()] == [r.id for r, _ in self.snaps]
         for record, frozen in self.snaps:
             assert_view_matches(self.ns.view(record.epoch), frozen, BS)
+
+    @invariant()
+    def paths_follow_recorded_directories(self):
+        """path_of names each inode by its recorded directory, as the model says, in
+        the live view and every snapshot: the path it gives is always one of the
+        inode's, and only a file whose recorded directory no longer names it has none."""
+        views = [(self.live, self.model)] + [(self.ns.view(r.epoch), m) for r, m in self.snaps]
+        for view, model in views:
+            for ino in set(model.reachable().values()):
+                expected = model.recorded_path(ino)
+                assert paths.path_of(self.ns, view, ino) == expected, ino
+                if model.is_dir(ino):
+                    assert expected is not None
 
     @invariant()
     def live_caches_match_the_store(self):

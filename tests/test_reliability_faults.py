@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mounting import Mount, backupfs, fails_with
+from mounting import Mount, backupfs, fails_with, flip_byte
 
 pytestmark = [pytest.mark.mount, pytest.mark.reliability, pytest.mark.timeout(240)]
 
@@ -257,6 +257,42 @@ def test_flipped_bytes_in_packs_give_eio_never_wrong_bytes(mount_factory):
     assert r.returncode == 1
     named = {u.split(": /")[1] for b in json.loads(r.stdout)["bad"] for u in b["used_by"]}
     assert len(named) == eio
+
+
+def test_a_corrupt_block_is_logged_with_the_file_and_block_it_belongs_to(mount_factory):
+    """EIO, and a log line that names the file by its path in the mount (in the live
+    tree and in a snapshot, where it has another name) and the block's number in it."""
+    m = mount_factory("named", init_args=("--block-size", "4K")).start()
+    (m.path / "photos" / "2026").mkdir(parents=True)
+    data = os.urandom(10 * 4096)  # random: stored raw, so the pack holds it verbatim
+    write_file(m.path / "photos" / "2026" / "a.jpg", data)
+    name = backupfs("snapshot", m.path).stdout.strip()
+    os.rename(m.path / "photos" / "2026" / "a.jpg", m.path / "photos" / "2026" / "b.jpg")
+    m.stop()
+    [pack] = [p for p in (m.store / "packs").rglob("*.pack")
+              if data[7 * 4096:8 * 4096] in p.read_bytes()]
+    flip_byte(pack, pack.read_bytes().index(data[7 * 4096:8 * 4096]) + 100)
+    m.start()
+    for path in (m.path / "photos" / "2026" / "b.jpg",
+                 m.path / "snapshots" / name / "photos" / "2026" / "a.jpg"):
+        with pytest.raises(OSError) as ei:
+            path.read_bytes()
+        assert ei.value.errno == errno.EIO
+    with open(m.path / "photos" / "2026" / "b.jpg", "r+b", buffering=0) as f:
+        f.seek(7 * 4096 + 5)  # part of the block: the daemon reads the rest first
+        with pytest.raises(OSError) as ei:
+            f.write(b"x" * 10)
+        assert ei.value.errno == errno.EIO
+        f.seek(2 * 4096)  # a sound block is written as ever
+        f.write(b"y" * 4096)
+    m.stop()
+    log = m.log()
+    failed = [line for line in log.splitlines() if "backupfs.fs:" in line]
+    assert failed and all(" block 7 failed: corrupt block" in line for line in failed)
+    assert "read: reading /photos/2026/b.jpg block 7 failed: corrupt block" in log
+    assert f"read: reading /snapshots/{name}/photos/2026/a.jpg block 7 failed: corrupt" in log
+    assert "write: reading /photos/2026/b.jpg block 7 failed: corrupt block" in log
+    m.check_log()
 
 
 def test_a_damaged_index_is_a_clear_refusal(mount_factory, tmp_path):

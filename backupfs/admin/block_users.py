@@ -9,9 +9,9 @@ snapshot_trees.py), so the oldest view's block map is read whole once, and each 
 view is the one before it plus those births.
 
 Paths come from the parent an inode records and the entry there that names it, one
-pass over each such directory per view, and directories' paths are cached per view. A
-file with more than one name, or whose recorded parent does not name it, is looked
-for by walking that view's tree, as all of them once were.
+pass over each such directory per view (namespace/paths.py), and directories' paths are
+cached per view. A file with more than one name, or whose recorded parent does not name
+it, is looked for by walking that view's tree, as all of them once were.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 from ..namespace import ROOT_INO
-from ..namespace.records import U64, entry_name
+from ..namespace.paths import dir_path, names_in
+from ..namespace.records import U64
 
 
 def users_by_view(ns, epochs: list[int], wanted: set[bytes]
@@ -76,8 +77,8 @@ def paths(ns, view, inos: Iterable[int]) -> dict[int, list[bytes]]:
     found: dict[int, list[bytes]] = {}
     dirs: dict[int, bytes | None] = {ROOT_INO: b""}
     for parent, children in by_parent.items():
-        names = _names_in(ns, view, parent, children)  # one pass over a big directory
-        where = _dir_path(ns, view, parent, dirs)
+        names = names_in(ns, view, parent, children)  # one pass over a big directory
+        where = dir_path(ns, view, parent, dirs)
         for ino in children:
             if where is None or ino not in names:
                 lost.add(ino)  # its recorded parent does not name it
@@ -88,38 +89,6 @@ def paths(ns, view, inos: Iterable[int]) -> dict[int, list[bytes]]:
             if attr.ino in lost:
                 found.setdefault(attr.ino, []).append(path)
     return found
-
-
-def _names_in(ns, view, parent: int, inos: set[int]) -> dict[int, list[bytes]]:
-    """A name directory `parent` gives each of `inos`, read until each has one."""
-    names: dict[int, bytes] = {}
-    for prefix, v in ns.entries.scan(U64.pack(parent), view.epoch):
-        ino = U64.unpack(v)[0]
-        if ino in inos and ino not in names:
-            names[ino] = entry_name(prefix)
-            if len(names) == len(inos):
-                break
-    return names
-
-
-def _dir_path(ns, view, d: int, known: dict[int, bytes | None]) -> bytes | None:
-    """The path of directory d (b"" for the root), None if its parents do not lead to
-    the root by names that exist."""
-    chain = []
-    while d not in known:
-        if len(chain) > 4096:  # no such depth in a sound tree: a loop
-            return None
-        chain.append(d)
-        try:
-            d = view.getattr(d).parent
-        except OSError:
-            known[d] = None
-    path = known[d]
-    for child in reversed(chain):
-        name = None if path is None else _names_in(ns, view, d, {child}).get(child)
-        path = known[child] = None if name is None else path + b"/" + name
-        d = child
-    return path
 
 
 def walk_files(view):

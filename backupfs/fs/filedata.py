@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import MissingBlock
+from ..errors import CorruptBlock, MissingBlock
 from ..store import Store
 from .gate import ChangeGate
 from .pieces import PIECE, between_pieces
@@ -116,7 +116,13 @@ class FileContents:
                 return self._clip_run(run, offset - first * bs, end - first * bs)
         if stored:
             # One worker-thread round per request, not one per block.
-            for i, data in zip(stored, await self.store.blocks.get_many(list(stored.values()))):
+            try:
+                blocks = await self.store.blocks.get_many(list(stored.values()))
+            except CorruptBlock as e:
+                e.file_block = next((first + i for i, h in stored.items() if h == e.block_hash),
+                                    None)
+                raise
+            for i, data in zip(stored, blocks):
                 chunks[i] = data
         pieces = []
         for i, n in enumerate(range(first, last + 1)):
@@ -155,7 +161,11 @@ class FileContents:
         h = view.block_hash(ino, n)
         if h is None:
             return b""
-        return await self.store.blocks.get_async(h)
+        try:
+            return await self.store.blocks.get_async(h)
+        except CorruptBlock as e:
+            e.file_block = n
+            raise
 
     # -- writing ---------------------------------------------------------------------
 

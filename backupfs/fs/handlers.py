@@ -39,7 +39,8 @@ def fuse_error(handler: str, e: BaseException) -> pyfuse3.FUSEError:
     if isinstance(e, pyfuse3.FUSEError):
         return e
     if isinstance(e, CorruptBlock):
-        log.error("%s: read failed: %s", handler, e)
+        block = "" if e.file_block is None else f" block {e.file_block}"
+        log.error("%s: reading %s%s failed: %s", handler, e.file or "a file", block, e)
         return pyfuse3.FUSEError(errno.EIO)
     if isinstance(e, MissingBlock):
         log.error("%s: index references a missing block: %s", handler, e)

@@ -8,6 +8,7 @@ FUSEError ever reaches pyfuse3.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -16,11 +17,14 @@ import os
 import stat
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
+from ..errors import CorruptBlock
+from ..namespace import paths
 from . import inodes
 from .filedata import FileContents
 from .dircookies import CookieTable, DirCookies
@@ -496,7 +500,8 @@ class BackupFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self._handle(fh)
         slot, ino, view = self._resolve(h.kernel_ino)
-        return await self.data.read(ino, off, size, view=view if slot else None)
+        with self._naming_file(slot, ino, view):
+            return await self.data.read(ino, off, size, view=view if slot else None)
 
     @fuse_handler
     @changes_live_tree
@@ -510,7 +515,34 @@ class BackupFS(pyfuse3.Operations):
         now = None if self.enable_writeback_cache else time.time_ns()
         if h.clears_setid:
             await self._clear_setid(h.kernel_ino, ino, now)
-        return await self.data.write(ino, off, buf, now)
+        with self._naming_file(0, ino, self.live):  # a partial block is read first
+            return await self.data.write(ino, off, buf, now)
+
+    @contextlib.contextmanager
+    def _naming_file(self, slot: int, ino: int, view) -> Iterator[None]:
+        """Has the log line of a corrupt block met inside (handlers.py) name the file."""
+        try:
+            yield
+        except CorruptBlock as e:
+            try:
+                e.file = self._file_name(slot, ino, view)
+            except Exception:  # the block's error is the one to report
+                log.exception("cannot name inode %d", ino)
+                e.file = f"inode {ino}"
+            raise
+
+    def _file_name(self, slot: int, ino: int, view) -> str:
+        """A file as the mount shows it: its path from the mount's root where its
+        directory names it (namespace/paths.py), else its inode."""
+        where = ""
+        if slot:
+            record = self.snapshots.record(slot)
+            name = record.name if record is not None else "(deleted)"
+            where = f"/{SNAPSHOTS_DIR_NAME.decode()}/{name}"
+        path = paths.path_of(self.ns, view, ino)
+        if path is None:
+            return f"inode {ino}" + (f" of {where}" if where else "")
+        return where + os.fsdecode(path)
 
     async def _clear_setid(self, kernel_ino: int, ino: int, now: int) -> None:
         """What the kernel does before a cached write by someone without CAP_FSETID, as
