@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mounting import Mount
+from mounting import Detached, Mount
 
 
 @pytest.fixture
@@ -29,3 +29,13 @@ def mounted(mount_factory):
     yield m
     if m.proc is not None:
         m.stop()
+
+
+@pytest.fixture
+def detached():
+    """Stores mounted the way users mount them (`backupfs mount` detached, `mount -t`,
+    fstab): detached.add(store, mountpoint) inits the store; everything is unmounted and
+    every daemon gone at teardown."""
+    d = Detached()
+    yield d
+    d.cleanup()

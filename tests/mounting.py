@@ -104,6 +104,19 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == path for line in f)
 
 
+def mount_table_entry(path: Path) -> dict[str, str]:
+    """The mount at `path` in /proc/self/mountinfo: its per-mount options, filesystem
+    type, source and the filesystem's own options."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == str(path):
+                fstype, source, fs_options = right.split()[:3]
+                return {"options": left.split()[5], "type": fstype, "source": source,
+                        "fs_options": fs_options}
+    raise AssertionError(f"{path} is not mounted")
+
+
 def force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
 
@@ -218,3 +231,30 @@ class Mount:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class Detached:
+    """Stores mounted by something else than the test harness; unmounted at the end."""
+
+    def __init__(self):
+        self.mounts: list[tuple[Path, Path]] = []
+
+    def add(self, store: Path, mountpoint: Path) -> None:
+        backupfs("init", store)
+        mountpoint.mkdir()
+        self.mounts.append((store, mountpoint))
+
+    def cleanup(self) -> None:
+        for store, mnt in self.mounts:
+            if is_mounted(mnt):
+                backupfs("umount", mnt, check=False)
+                force_unmount(mnt)
+            try:
+                pid = int((store / "writer.pid").read_text())
+            except (OSError, ValueError):
+                continue
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists() and b"backupfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)

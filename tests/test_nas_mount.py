@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mounting import BACKUPFS, backupfs, force_unmount, is_mounted
+from mounting import BACKUPFS, backupfs, force_unmount, is_mounted, mount_table_entry
 from nas_env import nas_dir
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(150)]
@@ -32,48 +32,10 @@ def root():
         yield d
 
 
-class Detached:
-    """Stores mounted by something else than the test harness; unmounted at the end."""
-
-    def __init__(self):
-        self.mounts: list[tuple[Path, Path]] = []
-
-    def add(self, store: Path, mountpoint: Path) -> None:
-        backupfs("init", store)
-        mountpoint.mkdir()
-        self.mounts.append((store, mountpoint))
-
-    def cleanup(self) -> None:
-        for store, mnt in self.mounts:
-            if is_mounted(mnt):
-                backupfs("umount", mnt, check=False)
-                force_unmount(mnt)
-            try:
-                pid = int((store / "writer.pid").read_text())
-            except (OSError, ValueError):
-                continue
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                time.sleep(0.1)
-            if Path(f"/proc/{pid}").exists() and b"backupfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def detached():
-    d = Detached()
-    yield d
-    d.cleanup()
-
-
 def mount_options(mnt: Path) -> tuple[str, str]:
     """(per-mount options, filesystem options) of the mount at mnt."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4] == str(mnt):
-                return left.split()[5], right.split()[2]
-    raise AssertionError(f"{mnt} is not mounted")
+    entry = mount_table_entry(mnt)
+    return entry["options"], entry["fs_options"]
 
 
 def clean_umount(store: Path, mnt: Path) -> None:

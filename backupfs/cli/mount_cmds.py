@@ -6,6 +6,7 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import select
 import subprocess
 import sys
 import time
@@ -114,6 +115,32 @@ def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interva
     raise BackupfsError(f"mount did not come up within {MOUNT_WAIT:.0f} s (see {log_path})")
 
 
+def _daemon_of(store: Path) -> tuple[int, int] | None:
+    """(pid, pidfd) of the daemon serving `store`, which its writer mark names, to wait
+    for its exit; None if that is no running `backupfs mount`."""
+    from ..store.store import WRITER_MARK
+
+    try:
+        pid = int((store / WRITER_MARK).read_text())
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    if b"mount" in argv and any(b"backupfs" in a for a in argv):
+        return pid, pidfd
+    os.close(pidfd)
+    return None
+
+
+def _wait_for_exit(pidfd: int, timeout: float) -> bool:
+    """True once the process has exited (a pidfd turns readable then, reaped or not)."""
+    ready, _, _ = select.select([pidfd], [], [], max(timeout, 0))
+    return bool(ready)
+
+
 def _wait_for_store_release(store: Path, timeout: float) -> bool:
     """True once no process holds the store's lock (the daemon has closed it)."""
     deadline = time.monotonic() + timeout
@@ -145,11 +172,31 @@ def umount_cmd(mountpoint, lazy, force):
     If written data cannot be stored first (the store's disk is full), MOUNTPOINT stays
     mounted, the data kept, until space is freed or --force is given."""
     from ..daemon.mountinfo import find_mount
-    from ..daemon.protocol import ControlClient, DaemonError
 
     m = find_mount(mountpoint)
     if m is None:
         raise BackupfsError(f"{mountpoint}: not a backupfs mount")
+    daemon = _daemon_of(m.store)
+    try:
+        _unmount(m, mountpoint, lazy, force)
+        deadline = time.monotonic() + UMOUNT_WAIT
+        if not _wait_for_store_release(m.store, UMOUNT_WAIT):
+            raise BackupfsError(f"{mountpoint}: unmounted, but the daemon has not finished "
+                                f"writing after {UMOUNT_WAIT:.0f} s")
+        # Its files (the log, say) stay open until it exits: an unmount of the store's
+        # disk right after ours must not find them busy.
+        if daemon is not None and not _wait_for_exit(daemon[1], deadline - time.monotonic()):
+            raise BackupfsError(f"{mountpoint}: unmounted and the store closed, but the "
+                                f"daemon (pid {daemon[0]}) has not exited")
+    finally:
+        if daemon is not None:
+            os.close(daemon[1])
+
+
+def _unmount(m, mountpoint: str, lazy: bool, force: bool) -> None:
+    """Have the daemon store everything, then unmount."""
+    from ..daemon.protocol import ControlClient, DaemonError
+
     try:
         # Stored while still mounted, so a failure can leave the data where it is.
         ControlClient(m.store, timeout=UMOUNT_WAIT).call("flush")
@@ -166,9 +213,6 @@ def umount_cmd(mountpoint, lazy, force):
     if r.returncode != 0:
         msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
         raise BackupfsError(f"{mountpoint}: cannot unmount: {msg}")
-    if not _wait_for_store_release(m.store, UMOUNT_WAIT):
-        raise BackupfsError(f"{mountpoint}: unmounted, but the daemon has not finished "
-                            f"writing after {UMOUNT_WAIT:.0f} s")
 
 
 @main.command("sync")
