@@ -479,6 +479,22 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     assert all(fs.ns.live.block_hash(ino, n) is not None for n in range(64))
 
 
+async def test_buffered_bytes_stay_under_the_dirty_limit(fs):
+    """Partial blocks, which no sealer takes, of many files at once: past the dirty
+    limit a write seals them all in one batch, so the daemon's memory stays bounded,
+    and nothing is lost."""
+    fs.data.dirty_limit = 8 * BS
+    files = []
+    for i in range(40):
+        fh, ino = await new_file(fs, name=b"f%d" % i)
+        await fs.write(fh, 0, b"x" * 100 + bytes([i]))
+        assert fs.data.dirty_bytes <= fs.data.dirty_limit
+        files.append((fh, ino))
+    assert sum(fs.ns.live.block_hash(ino, 0) is not None for _, ino in files) >= 36
+    for i, (fh, ino) in enumerate(files):
+        assert await fs.read(fh, 0, 200) == b"x" * 100 + bytes([i])
+
+
 async def test_sealers_hurry_only_while_writes_outpace_them(fs, monkeypatch):
     """A block stored before the next arrives is compressed at the store's level; a
     backlog of half the sealers' allowance or more asks for the faster one."""
