@@ -479,6 +479,39 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     assert all(fs.ns.live.block_hash(ino, n) is not None for n in range(64))
 
 
+async def test_the_per_write_capability_probe_costs_no_lmdb_work(fs, monkeypatch):
+    """The kernel asks for security.capability before every write: a file known to have
+    no xattrs is answered from memory; setting one makes it be read again."""
+    calls = []
+    for method in ("getxattr", "listxattr"):
+        real = getattr(fs.live, method)
+
+        def counted(*args, real=real, method=method):
+            calls.append(method)
+            return real(*args)
+
+        monkeypatch.setattr(fs.live, method, counted)
+    cap = b"security.capability"
+
+    async def probe(ino):
+        with pytest.raises(pyfuse3.FUSEError) as ei:
+            await fs.getxattr(ino, cap, CTX)
+        assert ei.value.errno == pyfuse3.ENOATTR
+
+    _, new = await new_file(fs, name=b"new")
+    for _ in range(3):
+        await probe(new)
+    assert calls == []  # created here: known to have none
+    fs._no_xattrs.discard(new)  # as after a remount
+    for _ in range(3):
+        await probe(new)
+    assert calls == ["listxattr"]  # learnt once
+    await fs.setxattr(new, cap, b"\x01\x00\x00\x02" + bytes(16), CTX)
+    assert await fs.getxattr(new, cap, CTX) == b"\x01\x00\x00\x02" + bytes(16)
+    await fs.removexattr(new, cap, CTX)
+    await probe(new)
+
+
 async def test_buffered_bytes_stay_under_the_dirty_limit(fs):
     """Partial blocks, which no sealer takes, of many files at once: past the dirty
     limit a write seals them all in one batch, so the daemon's memory stays bounded,
