@@ -167,7 +167,7 @@ def _wait_for_store_release(store: Path, timeout: float) -> bool:
 @click.option("--force", is_flag=True,
               help="Unmount even if written data cannot be stored (a full disk): it is lost.")
 def umount_cmd(mountpoint, lazy, force):
-    """Flush, commit and unmount MOUNTPOINT; waits for the daemon to finish.
+    """Flush, commit and unmount MOUNTPOINT; waits for the daemon to exit.
 
     If written data cannot be stored first (the store's disk is full), MOUNTPOINT stays
     mounted, the data kept, until space is freed or --force is given."""

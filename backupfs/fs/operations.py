@@ -8,7 +8,6 @@ FUSEError ever reaches pyfuse3.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -17,7 +16,6 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyfuse3
@@ -500,8 +498,11 @@ class BackupFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self._handle(fh)
         slot, ino, view = self._resolve(h.kernel_ino)
-        with self._naming_file(slot, ino, view):
+        try:
             return await self.data.read(ino, off, size, view=view if slot else None)
+        except CorruptBlock as e:
+            self._name_file(e, slot, ino, view)
+            raise
 
     @fuse_handler
     @changes_live_tree
@@ -515,21 +516,19 @@ class BackupFS(pyfuse3.Operations):
         now = None if self.enable_writeback_cache else time.time_ns()
         if h.clears_setid:
             await self._clear_setid(h.kernel_ino, ino, now)
-        with self._naming_file(0, ino, self.live):  # a partial block is read first
-            return await self.data.write(ino, off, buf, now)
-
-    @contextlib.contextmanager
-    def _naming_file(self, slot: int, ino: int, view) -> Iterator[None]:
-        """Has the log line of a corrupt block met inside (handlers.py) name the file."""
         try:
-            yield
-        except CorruptBlock as e:
-            try:
-                e.file = self._file_name(slot, ino, view)
-            except Exception:  # the block's error is the one to report
-                log.exception("cannot name inode %d", ino)
-                e.file = f"inode {ino}"
+            return await self.data.write(ino, off, buf, now)
+        except CorruptBlock as e:  # met reading the rest of a partly written block
+            self._name_file(e, 0, ino, self.live)
             raise
+
+    def _name_file(self, e: CorruptBlock, slot: int, ino: int, view) -> None:
+        """Have the log line of a corrupt block (handlers.py) name the file it is in."""
+        try:
+            e.file = self._file_name(slot, ino, view)
+        except Exception:  # the block's error is the one to report
+            log.exception("cannot name inode %d", ino)
+            e.file = f"inode {ino}"
 
     def _file_name(self, slot: int, ino: int, view) -> str:
         """A file as the mount shows it: its path from the mount's root where its
