@@ -254,7 +254,16 @@ class Detached:
             except (OSError, ValueError):
                 continue
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            while time.monotonic() < deadline and not has_exited(pid):
                 time.sleep(0.1)
-            if Path(f"/proc/{pid}").exists() and b"backupfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if not has_exited(pid) and b"backupfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
+
+
+def has_exited(pid: int) -> bool:
+    """Gone, or a zombie: a detached daemon's parent (`backupfs mount`) is gone, and
+    whether whoever inherits it reaps it is not ours to say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True

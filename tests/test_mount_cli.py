@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from mounting import backupfs, fails_with, is_mounted, mount_table_entry
+from mounting import backupfs, fails_with, has_exited, is_mounted, mount_table_entry
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(150)]
 
 
 def daemon_pid(store: Path) -> int:
     return int((store / "writer.pid").read_text())
-
-
-def has_exited(pid: int) -> bool:
-    """Gone, or a zombie: its parent (`backupfs mount`) is gone, and whether whoever
-    inherits it reaps it is not ours to say."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
-    except FileNotFoundError:
-        return True
 
 
 def wait_exited(pid: int, timeout: float = 60) -> None:
@@ -51,7 +42,7 @@ def test_a_detached_mount_serves_when_the_command_returns(tmp_path, detached):
     (tmp_path / "mnt2").mkdir()
     fails_with("mount", store, tmp_path / "mnt2", match="already mounted at")
     fails_with("mount", store, mnt, match="already a backupfs mount")
-    # umount returns only once the daemon is done with the store.
+    # umount returns only once the daemon has exited.
     backupfs("umount", mnt)
     assert not is_mounted(mnt) and has_exited(pid)
     assert not (store / "writer.pid").exists()
