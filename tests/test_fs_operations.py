@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import stat
 import subprocess
@@ -12,8 +13,10 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
+from backupfs.errors import CorruptBlock
 from backupfs.fs import BackupFS
 from backupfs.fs import inodes
+from backupfs.fs.handlers import fuse_handler
 from backupfs.namespace import Namespace
 from backupfs.namespace.check import check_versions
 from backupfs.store import Store
@@ -393,6 +396,36 @@ async def test_identical_blocks_are_stored_once(fs):
     await fs.flush_everything()
     h = fs.live.block_hash(fs.live.lookup(ROOT, b"a").ino, 0)
     assert fs.store.blocks.refcount(h) == 2
+
+
+def test_every_handler_answers_with_a_fuse_error_or_a_result():
+    """One stray exception ends pyfuse3's loop and the mount with it: every handler
+    BackupFS overrides is wrapped by fuse_handler, outermost."""
+    wrapper = fuse_handler(lambda: None).__code__
+    overridden = [name for name, fn in inspect.getmembers(pyfuse3.Operations, inspect.isfunction)
+                  if inspect.iscoroutinefunction(fn) and getattr(BackupFS, name) is not fn]
+    assert len(overridden) > 20
+    assert [n for n in overridden if getattr(BackupFS, n).__code__ is not wrapper] == []
+
+
+@pytest.mark.parametrize("error, errno_, logged", [
+    (OSError(errno.ENOSPC, "full"), errno.ENOSPC, "handler: [Errno 28] full"),
+    (FileNotFoundError(errno.ENOENT, "gone"), errno.ENOENT, None),
+    (RuntimeError("a bug"), errno.EIO, "handler: unexpected error, answering EIO"),
+    (ExceptionGroup("reads", [CorruptBlock(b"h" * 32, 1, 0, "checksum mismatch")]), errno.EIO,
+     "handler: reading a file failed: corrupt block 6868"),
+    (OSError("no errno"), errno.EIO, "handler: unexpected error, answering EIO"),
+])
+async def test_a_handler_maps_every_exception_to_an_errno(error, errno_, logged, caplog):
+    @fuse_handler
+    async def handler():
+        raise error
+
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await handler()
+    assert ei.value.errno == errno_
+    messages = [r.getMessage() for r in caplog.records]
+    assert (messages == []) if logged is None else messages[-1].startswith(logged)
 
 
 async def test_corrupt_block_is_eio_never_bad_bytes(fs):
