@@ -261,7 +261,8 @@ def test_flipped_bytes_in_packs_give_eio_never_wrong_bytes(mount_factory):
 
 def test_a_corrupt_block_is_logged_with_the_file_and_block_it_belongs_to(mount_factory):
     """EIO, and a log line that names the file by its path in the mount (in the live
-    tree and in a snapshot, where it has another name) and the block's number in it."""
+    tree and in a snapshot, where it has another name) and the block's number in it;
+    also for a write or a truncate that must read the block first."""
     m = mount_factory("named", init_args=("--block-size", "4K")).start()
     (m.path / "photos" / "2026").mkdir(parents=True)
     data = os.urandom(10 * 4096)  # random: stored raw, so the pack holds it verbatim
@@ -285,6 +286,10 @@ def test_a_corrupt_block_is_logged_with_the_file_and_block_it_belongs_to(mount_f
         assert ei.value.errno == errno.EIO
         f.seek(2 * 4096)  # a sound block is written as ever
         f.write(b"y" * 4096)
+    with pytest.raises(OSError) as ei:  # a cut inside it reads the part that stays
+        os.truncate(m.path / "photos" / "2026" / "b.jpg", 7 * 4096 + 10)
+    assert ei.value.errno == errno.EIO
+    assert (m.path / "photos" / "2026" / "b.jpg").stat().st_size == len(data)
     m.stop()
     log = m.log()
     failed = [line for line in log.splitlines() if "backupfs.fs:" in line]
@@ -292,6 +297,7 @@ def test_a_corrupt_block_is_logged_with_the_file_and_block_it_belongs_to(mount_f
     assert "read: reading /photos/2026/b.jpg block 7 failed: corrupt block" in log
     assert f"read: reading /snapshots/{name}/photos/2026/a.jpg block 7 failed: corrupt" in log
     assert "write: reading /photos/2026/b.jpg block 7 failed: corrupt block" in log
+    assert "setattr: reading /photos/2026/b.jpg block 7 failed: corrupt block" in log
     m.check_log()
 
 

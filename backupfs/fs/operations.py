@@ -16,7 +16,9 @@ import os
 import stat
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -34,6 +36,8 @@ from .snapshot_tree import SnapshotTree
 from .txg import TransactionGroups
 
 log = logging.getLogger("backupfs.fs")
+
+T = TypeVar("T")
 
 ROOT = pyfuse3.ROOT_INODE
 NAME_MAX = 255
@@ -337,7 +341,8 @@ class BackupFS(pyfuse3.Operations):
         if fields.update_size:
             if stat.S_ISDIR(old.mode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            await self.data.truncate(ino, attr.st_size)
+            # A cut inside a stored block reads the part of it that stays.
+            await self._in_file(0, ino, self.live, self.data.truncate(ino, attr.st_size))
             changes["size"] = attr.st_size
             if not fields.update_mtime:
                 changes["mtime_ns"] = now
@@ -498,11 +503,8 @@ class BackupFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self._handle(fh)
         slot, ino, view = self._resolve(h.kernel_ino)
-        try:
-            return await self.data.read(ino, off, size, view=view if slot else None)
-        except CorruptBlock as e:
-            self._name_file(e, slot, ino, view)
-            raise
+        return await self._in_file(slot, ino, view,
+                                   self.data.read(ino, off, size, view=view if slot else None))
 
     @fuse_handler
     @changes_live_tree
@@ -516,19 +518,21 @@ class BackupFS(pyfuse3.Operations):
         now = None if self.enable_writeback_cache else time.time_ns()
         if h.clears_setid:
             await self._clear_setid(h.kernel_ino, ino, now)
-        try:
-            return await self.data.write(ino, off, buf, now)
-        except CorruptBlock as e:  # met reading the rest of a partly written block
-            self._name_file(e, 0, ino, self.live)
-            raise
+        # A write into part of a stored block reads the rest of it first.
+        return await self._in_file(0, ino, self.live, self.data.write(ino, off, buf, now))
 
-    def _name_file(self, e: CorruptBlock, slot: int, ino: int, view) -> None:
-        """Have the log line of a corrupt block (handlers.py) name the file it is in."""
+    async def _in_file(self, slot: int, ino: int, view, work: Awaitable[T]) -> T:
+        """`await work`, a read of file `ino`'s blocks, having the log line of a corrupt
+        block met there (handlers.py) name the file."""
         try:
-            e.file = self._file_name(slot, ino, view)
-        except Exception:  # the block's error is the one to report
-            log.exception("cannot name inode %d", ino)
-            e.file = f"inode {ino}"
+            return await work
+        except CorruptBlock as e:
+            try:
+                e.file = self._file_name(slot, ino, view)
+            except Exception:  # the block's error is the one to report
+                log.exception("cannot name inode %d", ino)
+                e.file = f"inode {ino}"
+            raise
 
     def _file_name(self, slot: int, ino: int, view) -> str:
         """A file as the mount shows it: its path from the mount's root where its
