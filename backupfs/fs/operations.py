@@ -522,8 +522,8 @@ class BackupFS(pyfuse3.Operations):
         return await self._in_file(0, ino, self.live, self.data.write(ino, off, buf, now))
 
     async def _in_file(self, slot: int, ino: int, view, work: Awaitable[T]) -> T:
-        """`await work`, a read of file `ino`'s blocks, having the log line of a corrupt
-        block met there (handlers.py) name the file."""
+        """`await work` (a read, write or truncate of file `ino`), having the log line
+        of a corrupt block met there (handlers.py) name the file."""
         try:
             return await work
         except CorruptBlock as e:
