@@ -115,9 +115,9 @@ def mount_cmd(ctx, store, mountpoint, foreground, options, log_file, txg_interva
     raise BackupfsError(f"mount did not come up within {MOUNT_WAIT:.0f} s (see {log_path})")
 
 
-def _daemon_of(store: Path) -> tuple[int, int] | None:
-    """(pid, pidfd) of the daemon serving `store`, which its writer mark names, to wait
-    for its exit; None if that is no running `backupfs mount`."""
+def _daemon_of(store: Path) -> int | None:
+    """A pidfd of the daemon serving `store`, which its writer mark names, to wait for
+    its exit; None if that is no running `backupfs mount`."""
     from ..store.store import WRITER_MARK
 
     try:
@@ -130,7 +130,7 @@ def _daemon_of(store: Path) -> tuple[int, int] | None:
     except OSError:
         argv = []
     if b"mount" in argv and any(b"backupfs" in a for a in argv):
-        return pid, pidfd
+        return pidfd
     os.close(pidfd)
     return None
 
@@ -179,18 +179,17 @@ def umount_cmd(mountpoint, lazy, force):
     daemon = _daemon_of(m.store)
     try:
         _unmount(m, mountpoint, lazy, force)
-        deadline = time.monotonic() + UMOUNT_WAIT
-        if not _wait_for_store_release(m.store, UMOUNT_WAIT):
+        # Its exit, not only the store's lock: its files (the log, say) stay open until
+        # then, and an unmount of the store's disk right after ours must not find them
+        # busy. A daemon we cannot name is waited for by its lock.
+        done = (_wait_for_exit(daemon, UMOUNT_WAIT) if daemon is not None
+                else _wait_for_store_release(m.store, UMOUNT_WAIT))
+        if not done:
             raise BackupfsError(f"{mountpoint}: unmounted, but the daemon has not finished "
                                 f"writing after {UMOUNT_WAIT:.0f} s")
-        # Its files (the log, say) stay open until it exits: an unmount of the store's
-        # disk right after ours must not find them busy.
-        if daemon is not None and not _wait_for_exit(daemon[1], deadline - time.monotonic()):
-            raise BackupfsError(f"{mountpoint}: unmounted and the store closed, but the "
-                                f"daemon (pid {daemon[0]}) has not exited")
     finally:
         if daemon is not None:
-            os.close(daemon[1])
+            os.close(daemon)
 
 
 def _unmount(m, mountpoint: str, lazy: bool, force: bool) -> None:
