@@ -17,14 +17,8 @@ if [ $# -lt 1 ]; then
 fi
 PJD=$(cd "$1" && pwd)
 shift
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-$HERE/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-
-if [ "$(id -u)" != 0 ]; then
-    echo "$0: pjdfstest must run as root" >&2
-    exit 2
-fi
+. "$(dirname "$0")/lib/fresh_mount.sh"
+require_root "pjdfstest switches uids"
 
 if [ ! -x "$PJD/pjdfstest" ]; then
     if ! command -v autoreconf >/dev/null || ! command -v make >/dev/null \
@@ -39,23 +33,7 @@ fi
 
 WORK=${WORK:-$(mktemp -d /tmp/backupfs-pjdfstest.XXXXXX)}
 chmod 755 "$WORK"
-STORE=$WORK/store
-MNT=$WORK/mnt
-mkdir -p "$MNT"
-
-cleanup() {
-    cd /
-    if mountpoint -q "$MNT"; then
-        "$PY" -m backupfs umount "$MNT" || fusermount3 -u -z "$MNT" || true
-    fi
-    if [ "${KEEP:-0}" != 1 ]; then
-        rm -rf "$STORE" "$MNT"
-    fi
-}
-trap cleanup EXIT INT TERM
-
-(cd "$HERE" && "$PY" -m backupfs init "$STORE" >/dev/null)
-(cd "$HERE" && "$PY" -m backupfs mount -o allow_other --log-file "$WORK/daemon.log" "$STORE" "$MNT")
+mount_fresh_store "$WORK" -o allow_other
 
 cd "$MNT"
 set +e
