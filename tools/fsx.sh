@@ -6,6 +6,7 @@
 # github.com/kdave/xfstests); none of its code is part of this repository.
 #
 #   tools/fsx.sh XFSTESTS_CHECKOUT [OPS [SECONDS]]
+#   MOUNT_ARGS=--writeback-cache tools/fsx.sh ...     (more `backupfs mount` arguments)
 #
 # OPS (default 20000) operations in each of six configurations, one after another; then
 # SECONDS (default 300) of four fsx runs at once while, every second, a snapshot is taken
@@ -65,7 +66,8 @@ cc -O2 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -I"$WORK/build" -I"$XFS/include" -I"
     exit 1
 }
 
-mount_fresh_store "$WORK"
+# shellcheck disable=SC2086  # MOUNT_ARGS are words
+mount_fresh_store "$WORK" ${MOUNT_ARGS:-}
 
 failed=0
 run_fsx() {  # NAME SEED FSX-ARGS...: one fsx run on its own file; its log in logs/NAME
