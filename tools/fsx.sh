@@ -27,6 +27,7 @@ fi
 XFS=$(cd "$1" && pwd)
 OPS=${2:-20000}
 SECONDS_STRESS=${3:-300}
+# shellcheck source=tools/lib/fresh_mount.sh
 . "$(dirname "$0")/lib/fresh_mount.sh"
 require_root "it mounts"
 if [ ! -f "$XFS/ltp/fsx.c" ]; then

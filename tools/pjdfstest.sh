@@ -17,6 +17,7 @@ if [ $# -lt 1 ]; then
 fi
 PJD=$(cd "$1" && pwd)
 shift
+# shellcheck source=tools/lib/fresh_mount.sh
 . "$(dirname "$0")/lib/fresh_mount.sh"
 require_root "pjdfstest switches uids"
 

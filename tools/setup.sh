@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-# strace: a test counts the xattr calls `ls -l` makes.
-for pkg in fuse3 libfuse3-dev pkg-config rsync attr strace; do
+# strace: a test counts the xattr calls `ls -l` makes. shellcheck: a test lints the
+# shell scripts (tests/test_shell_scripts.py).
+for pkg in fuse3 libfuse3-dev pkg-config rsync attr strace shellcheck; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 # Samba, for the Previous Versions test (tests/test_samba.py): ~15 s, ~60 MB, without the

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Sourced (POSIX sh) by the tools that run an outside test suite against a fresh backupfs
 # mount: pjdfstest.sh and fsx.sh. Sets HERE (this checkout) and PY (its venv's python,
 # else python3), and defines:
