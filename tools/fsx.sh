@@ -88,7 +88,7 @@ report() {  # NAME STATUS
 }
 
 echo "fsx, $OPS operations in each configuration:"
-# name, what it stresses, fsx options
+# one configuration a line: its name, then its fsx options
 while read -r name opts; do
     set +e
     # shellcheck disable=SC2086  # the options are words

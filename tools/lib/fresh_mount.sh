@@ -39,7 +39,10 @@ mount_fresh_store() {
     STORE=$WORK/store
     MNT=$WORK/mnt
     mkdir -p "$MNT"
-    trap _unmount_fresh_store EXIT INT TERM
+    # A ^C or kill ends the script (through the EXIT trap), not just the command it was
+    # running: the rest would run against a store already unmounted.
+    trap _unmount_fresh_store EXIT
+    trap 'exit 130' INT TERM
     bfs init "$STORE" >/dev/null
     bfs mount --log-file "$WORK/daemon.log" "$@" "$STORE" "$MNT" >/dev/null
 }
