@@ -87,31 +87,36 @@ report() {  # NAME STATUS
     fi
 }
 
+# fsx's options for each configuration, by name, in the order they run alone; the four
+# in `concurrent` also run at once, beside the snapshots.
+declare -A config=(
+    [default]=""
+    [blocks-4M]="-l 4194304 -o 300000 -c 50"
+    [invalidate]="-f -c 20 -l 1048576"
+    [fsync]="-y -l 1048576"
+    [direct]="-Z -R -W -r 4096 -w 4096 -t 4096 -l 2097152"
+    [check-all]="-X -l 600000"
+)
+alone=(default blocks-4M invalidate fsync direct check-all)
+concurrent=(blocks-4M invalidate fsync check-all)
+
 echo "fsx, $OPS operations in each configuration:"
-# one configuration a line: its name, then its fsx options
-while read -r name opts; do
+for name in "${alone[@]}"; do
     set +e
     # shellcheck disable=SC2086  # the options are words
-    run_fsx "$name" 1 -N "$OPS" $opts
+    run_fsx "$name" 1 -N "$OPS" ${config[$name]}
     status=$?
     set -e
     report "$name" $status
-done <<'EOF'
-default
-blocks-4M -l 4194304 -o 300000 -c 50
-invalidate -f -c 20 -l 1048576
-fsync -y -l 1048576
-direct -Z -R -W -r 4096 -w 4096 -t 4096 -l 2097152
-check-all -X -l 600000
-EOF
+done
 
 echo "four fsx runs for ${SECONDS_STRESS}s; a snapshot every second, read back; prune and compact:"
 pids=()
-i=0
-for opts in "-l 4194304 -o 300000 -c 50" "-f -c 20 -l 1048576" "-y -l 1048576" "-X -l 600000"; do
-    i=$((i + 1))
+seed=100
+for name in "${concurrent[@]}"; do
+    seed=$((seed + 1))
     # shellcheck disable=SC2086
-    run_fsx "stress-$i" $((100 + i)) --duration="$SECONDS_STRESS" $opts &
+    run_fsx "stress-$name" $seed --duration="$SECONDS_STRESS" ${config[$name]} &
     pids+=($!)
 done
 snapshot_hash() {  # NAME: a hash of the snapshot's whole content, names and metadata
@@ -148,14 +153,12 @@ while [ $SECONDS -lt $end ]; do
     fi
     sleep 1
 done
-i=0
-for pid in "${pids[@]}"; do
-    i=$((i + 1))
+for i in "${!pids[@]}"; do
     set +e
-    wait "$pid"
+    wait "${pids[$i]}"
     status=$?
     set -e
-    report "stress-$i" $status
+    report "stress-${concurrent[$i]}" $status
 done
 kept=0
 for name in "${!taken_hash[@]}"; do

@@ -39,10 +39,15 @@ mount_fresh_store() {
     STORE=$WORK/store
     MNT=$WORK/mnt
     mkdir -p "$MNT"
-    # A ^C or kill ends the script (through the EXIT trap), not just the command it was
-    # running: the rest would run against a store already unmounted.
+    # A ^C, a kill, a hang-up or a reader that went away (`| head`) ends the script
+    # through the EXIT trap, which unmounts: ^C and kill would otherwise only end the
+    # command running, and the rest run against a store already unmounted; a hang-up
+    # or a broken pipe would end the script with the store still mounted.
     trap _unmount_fresh_store EXIT
-    trap 'exit 130' INT TERM
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 141' PIPE
+    trap 'exit 143' TERM
     bfs init "$STORE" >/dev/null
     bfs mount --log-file "$WORK/daemon.log" "$@" "$STORE" "$MNT" >/dev/null
 }
