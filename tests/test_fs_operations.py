@@ -16,6 +16,7 @@ import pytest
 from backupfs.errors import CorruptBlock
 from backupfs.fs import BackupFS
 from backupfs.fs import inodes
+from backupfs.fs.dircookies import DirCookies
 from backupfs.fs.handlers import fuse_handler
 from backupfs.namespace import Namespace
 from backupfs.namespace.check import check_versions
@@ -255,9 +256,18 @@ async def test_a_listing_resumes_from_a_cookie_in_another_open_of_the_directory(
             await fs.release(fh)
     assert listed == names + [b"g"]
     assert [name for name, _ in await piece(0, room=100)] == names[1:] + [b"g"]
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await piece(10_000)
-    assert e.value.errno == errno.EINVAL
+    for unknown in (10_000, 2):  # no name's cookie; a position, where no entry is virtual
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await piece(unknown)
+        assert e.value.errno == errno.EINVAL
+    # A client holding a cookie across a daemon restart: no table knows it then.
+    first = await piece(0, room=20)
+    fs.dir_cookies = DirCookies()
+    assert [n for n, _ in first + await piece(first[-1][1], room=100)] == names[1:] + [b"g"]
+    # The root lists `snapshots` first, at a cookie of its own.
+    root = await piece(0, room=1, directory=ROOT)
+    assert [n for n, _ in root] == [b"snapshots"]
+    assert b"snapshots" not in [n for n, _ in await piece(root[0][1], directory=ROOT)]
     # /snapshots the same way, while a snapshot goes behind the listing.
     records = [await fs.take_snapshot(label=str(i)) for i in range(3)]
     first = await piece(0, room=1, directory=inodes.SNAPSHOTS_DIR_INO)

@@ -106,6 +106,69 @@ def test_file_handles_survive_a_remount_and_never_name_another_snapshot(mount_fa
     m.stop()
 
 
+SYS_GETDENTS64 = 217  # x86-64
+DIRENT64 = struct.Struct("QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
+
+
+def getdents(fd: int, size: int = 1024) -> list[tuple[bytes, int]]:
+    """(name, d_off) of the entries one getdents64 call gives: what nfsd and Ganesha read
+    a directory with, a piece at a time."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    out, pos = [], 0
+    while pos < n:
+        _, off, reclen, _ = DIRENT64.unpack_from(buf, pos)
+        name = buf.raw[pos + DIRENT64.size:pos + reclen].split(b"\0", 1)[0]
+        out.append((name, off))
+        pos += reclen
+    return out
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_a_listing_resumes_from_its_cookie_after_the_daemon_restarted(mount_factory):
+    """An NFS client keeps the cookie of the last entry it got and sends it back with
+    its next READDIR, and the server opens the directory afresh and seeks to it, also
+    after the daemon restarted (an upgrade): the listing goes on where it stopped."""
+    m = mount_factory().start()
+    d = m.path / "dir"
+    d.mkdir()
+    names = {b"file-%04d-%s" % (i, b"x" * (i % 40)) for i in range(600)}
+    for name in names:
+        (d / os.fsdecode(name)).touch()
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = getdents(fd)
+    finally:
+        os.close(fd)
+    assert 10 < len(first) < len(names)
+    m.stop()
+    m.start()
+    for last in (len(first) - 1, len(first) // 2):   # the piece's end, or its middle
+        listed = [name for name, _ in first[:last + 1]]
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.lseek(fd, first[last][1], os.SEEK_SET)
+            while piece := getdents(fd):
+                listed += [name for name, _ in piece]
+        finally:
+            os.close(fd)
+        assert len(listed) == len(set(listed)) == len(names) and set(listed) == names
+    # A cookie the directory never gave: refused, not a listing from somewhere.
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.lseek(fd, 12345, os.SEEK_SET)
+        with pytest.raises(OSError) as e:
+            getdents(fd)
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    m.stop()
+
+
 @pytest.fixture
 def fs(tmp_path):
     Store.init(tmp_path / "store", block_size=4096)

@@ -96,11 +96,11 @@ async def _tell_kernel(invalidate, *args) -> None:
         pass
 
 
-def _resume_after(cookies, cookie: int) -> bytes | None:
-    """The name a listing resumes after (None: from the start); EINVAL for a cookie
-    this daemon did not give for the directory."""
+def _resume_after(cookies, cookie: int, names) -> bytes | None:
+    """The name a listing resumes after (None: from the start); EINVAL for a cookie of
+    no name the directory has (or had while its table was kept): dircookies.py."""
     try:
-        return cookies.name_before(cookie)
+        return cookies.name_before(cookie, names)
     except KeyError:
         raise pyfuse3.FUSEError(errno.EINVAL) from None
 
@@ -617,24 +617,26 @@ class BackupFS(pyfuse3.Operations):
         virtual = []
         if h.kernel_ino == ROOT:
             virtual = [(SNAPSHOTS_DIR_NAME, self._virtual_dir_entry())]
-        pos = start_id
-        while pos < len(virtual):
-            name, entry = virtual[pos]
-            if not pyfuse3.readdir_reply(token, name, entry, pos + 1):
-                return
-            pos += 1
-        after = _resume_after(h.cookies, pos - len(virtual))
+        if start_id <= len(virtual):   # 0, or a position among the virtual entries
+            for pos in range(start_id, len(virtual)):
+                name, entry = virtual[pos]
+                if not pyfuse3.readdir_reply(token, name, entry, pos + 1):
+                    return
+            after = None
+        else:
+            after = _resume_after(h.cookies, start_id, lambda: view.names(ino))
         for name, attr in view.readdir(ino, after):
             kernel_ino = inodes.join(slot, attr.ino)
-            cookie = len(virtual) + h.cookies.cookie_after(name)
+            cookie = h.cookies.cookie_after(name)
             if not pyfuse3.readdir_reply(token, name, self._entry(attr, kernel_ino, slot), cookie):
                 return
             if not slot:
                 self.lookups[attr.ino] += 1
 
     def _readdir_snapshots(self, cookies, start_id, token):
-        after = _resume_after(cookies, start_id)
-        for name, kernel_ino in self.snapshots.entries():
+        entries = self.snapshots.entries()
+        after = _resume_after(cookies, start_id, lambda: (name for name, _ in entries))
+        for name, kernel_ino in entries:
             if after is not None and name <= after:
                 continue  # names in order: resumed after one, even if it is gone now
             if kernel_ino == LATEST_INO:

@@ -76,6 +76,11 @@ class NamespaceView:
         for prefix, v in self.ns.entries.scan(group, self.epoch, start):
             yield rec.entry_name(prefix), self.getattr(rec.U64.unpack(v)[0])
 
+    def names(self, ino: int) -> Iterator[bytes]:
+        """A directory's names in byte order (readdir without the attributes)."""
+        for prefix, _ in self.ns.entries.scan(rec.U64.pack(ino), self.epoch, None):
+            yield rec.entry_name(prefix)
+
     def is_empty_dir(self, ino: int) -> bool:
         return next(self.readdir(ino), None) is None
 
