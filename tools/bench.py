@@ -14,6 +14,9 @@ Workloads (needs root: it drops the page cache and mounts):
   4. snapshots     creation at 1k / 100k / 1M inodes, deletion after 1% / 10% changed
                    (tools/bench_snapshot.py)
   5. memory        the daemon's peak RSS over the run (VmHWM)
+  6. replicate     `backupfs replicate` to a second store, whole and after 1% changed,
+                   beside `cp -a` of the packs and `rsync -a` of the tree
+                   (tools/bench_replicate.py)
 
     sudo .venv/bin/python tools/bench.py [--size 1G] [--files 10000] [--tree 1G]
         [--tree-files 16000] [--snapshot-sizes 1000,100000,1000000] [--json out.json]
@@ -220,6 +223,14 @@ def main() -> None:
     print("snapshots ...", flush=True)
     results["snapshots"] = [bench_snapshot.measure(int(n), work, 20)
                             for n in args.snapshot_sizes.split(",")]
+
+    # 6. replication (tools/bench_replicate.py), on a tree and mount of its own
+    print("replicate ...", flush=True)
+    rep_json, rep_dir = work / "bench_replicate.json", work / "replicate"
+    subprocess.run([PY, str(HERE / "bench_replicate.py"), "--tree", args.tree, "--tree-files",
+                    str(args.tree_files), "--dir", str(rep_dir), "--json", str(rep_json)],
+                   check=True)
+    results["replicate"] = json.loads(rep_json.read_text())
     results["loadavg_end"] = os.getloadavg()
     report(results)
     if args.json:
@@ -250,6 +261,10 @@ def report(r: dict) -> None:
     for s in r["snapshots"]:
         print(f"{s['inodes']:>16,} {s['create_median_ms']:10.3f} {s['delete_1pct_ms']:10.1f} "
               f"{s['delete_10pct_ms']:11.1f}")
+    full, inc = r["replicate"]["full"], r["replicate"]["incremental"]
+    print(f"\nreplicate: whole {full['replicate_s']:.1f} s ({full['vs_cp_packs']:.2f}x cp -a "
+          f"of the packs, {full['vs_rsync']:.2f}x rsync -a of the tree); 1% changed "
+          f"{inc['replicate_s']:.2f} s ({inc['vs_rsync']:.2f}x rsync -a)")
     print(f"\ndaemon peak RSS: {r['daemon_peak_rss_MiB']:.0f} MiB")
 
 

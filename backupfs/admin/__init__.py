@@ -1,2 +1,3 @@
-"""Administration over a store: fsck, verify, stats, diff. Built on the store and the
-namespace; used by the CLI, and by the daemon where a mounted store needs it."""
+"""Administration over a store: fsck, verify, stats, diff, replication. Built on the
+store and the namespace; used by the CLI, and by the daemon where a mounted store needs
+it."""

@@ -39,4 +39,4 @@ def main(verbose: int) -> None:
 
 
 # Command modules register themselves on `main` when imported.
-from . import admin_cmds, mount_cmds, snapshot_cmds, store_cmds  # noqa: E402,F401
+from . import admin_cmds, mount_cmds, replicate_cmd, snapshot_cmds, store_cmds  # noqa: E402,F401

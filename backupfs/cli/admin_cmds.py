@@ -35,7 +35,7 @@ def _daemon(store_path: Path) -> ControlClient | None:
     return client
 
 
-def _current(target: str) -> Path:
+def current_store(target: str) -> Path:
     """The store of a target; if it is mounted, its daemon has committed everything."""
     path = resolve_store(target)
     daemon = _daemon(path)
@@ -57,7 +57,7 @@ def _open(path: Path, readonly: bool = True):
 @contextmanager
 def reading(target: str):
     """(store, namespace) of a store, read-only, current as of now."""
-    path = _current(target)
+    path = current_store(target)
     store, ns = _open(path)
     try:
         yield store, ns
@@ -96,7 +96,7 @@ def verify_cmd(target, snapshot, sample, max_duration, restart, as_json):
     that uses a bad one. Exit status 1 when anything is bad, 2 when paused unfinished."""
     from ..admin.verify import verify
 
-    state = verify(_current(target), snapshot=snapshot, sample=sample, max_duration=max_duration,
+    state = verify(current_store(target), snapshot=snapshot, sample=sample, max_duration=max_duration,
                    restart=restart)
     if as_json:
         _echo_json({"finished": state.finished is not None, "checked": state.checked,

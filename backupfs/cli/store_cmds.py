@@ -1,4 +1,5 @@
-"""Commands that work on a store directory without a mount: init."""
+"""Commands that work on a store directory without a mount: init (and making a store,
+for replicate too)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import click
 
 from ..store.config import DEFAULT_COMPRESSION, parse_size
 from . import main
+
+
+def make_store(path, block_size: int, compression: str, adaptive_compression: bool):
+    """A new store with its empty tree committed; its StoreConfig."""
+    from ..namespace import Namespace
+    from ..store import Store
+
+    config = Store.init(path, block_size=block_size, compression=compression,
+                        adaptive_compression=adaptive_compression)
+    with Store.open(path) as s:
+        Namespace(s)  # the root directory and the namespace's databases
+    return config
 
 
 @main.command("init")
@@ -19,13 +32,7 @@ from . import main
                    "level 1 (as zstd --adapt does); --fixed-compression always uses LEVEL.")
 def init_cmd(store: str, block_size: str, compression: str, adaptive_compression: bool) -> None:
     """Create a new, empty store in STORE (a new or empty directory)."""
-    from ..namespace import Namespace
-    from ..store import Store
-
-    config = Store.init(store, block_size=parse_size(block_size), compression=compression,
-                        adaptive_compression=adaptive_compression)
-    with Store.open(store) as s:
-        Namespace(s)  # the root directory and the namespace's databases
+    config = make_store(store, parse_size(block_size), compression, adaptive_compression)
     adaptive = ", adaptive" if config.compression.adapts else ""
     click.echo(f"initialised backupfs store {store} (block size "
                f"{config.block_size // 1024} KiB, compression {config.compression}{adaptive})")

@@ -73,9 +73,16 @@ class Catalog:
         self.store.txn.put(U64.pack(r.id), json.dumps(value).encode(), db=self.db)
 
     def add(self, snap_id: int, epoch: int, label: str | None, hold: bool,
-            now_ns: int | None = None, last_given: str | None = None) -> SnapshotRecord:
+            now_ns: int | None = None, last_given: str | None = None,
+            name: str | None = None) -> SnapshotRecord:
+        """A new snapshot, named for its creation time unless `name` (a replica's copy
+        of another store's snapshot keeps that snapshot's name)."""
         created = time.time_ns() if now_ns is None else now_ns
-        name = unique_name(created, {r.name for r in self.records}, last_given)
+        taken = {r.name for r in self.records}
+        if name is None:
+            name = unique_name(created, taken, last_given)
+        elif name in taken:
+            raise ValueError(f"a snapshot named {name} exists")
         r = SnapshotRecord(snap_id, name, label, created, epoch, hold)
         self._save(r)
         self.records.append(r)

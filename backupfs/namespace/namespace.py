@@ -108,6 +108,17 @@ class Namespace:
         self._set_counter(_NEXT_INO, ino + 1)
         return ino
 
+    @property
+    def next_ino(self) -> int:
+        """The inode number the next new file gets."""
+        return self._counter(_NEXT_INO)
+
+    def reserve_inos_below(self, ino: int) -> None:
+        """Never give out an inode number below `ino` (a replica holds another store's
+        inodes under their own numbers)."""
+        if ino > self.next_ino:
+            self._set_counter(_NEXT_INO, ino)
+
     # -- views -----------------------------------------------------------------------
 
     def view(self, epoch: int) -> NamespaceView:
@@ -121,14 +132,15 @@ class Namespace:
     # -- snapshots -------------------------------------------------------------------
 
     def snapshot(self, label: str | None = None, hold: bool = False,
-                 now_ns: int | None = None) -> SnapshotRecord:
-        """Freeze the live tree: O(1), the caller has sealed everything into this epoch."""
+                 now_ns: int | None = None, name: str | None = None) -> SnapshotRecord:
+        """Freeze the live tree: O(1), the caller has sealed everything into this epoch.
+        `name`: the replica of another store's snapshot keeps its name (replication)."""
         epoch = self.epoch
         snap_id = self._counter(_NEXT_SNAPSHOT)
-        self._set_counter(_NEXT_SNAPSHOT, snap_id + 1)
         last = self.store.txn.get(_LAST_SNAPSHOT_NAME, db=self.meta)
         record = self.catalog.add(snap_id, epoch, label, hold, now_ns,
-                                  None if last is None else bytes(last).decode())
+                                  None if last is None else bytes(last).decode(), name)
+        self._set_counter(_NEXT_SNAPSHOT, snap_id + 1)
         self.store.txn.put(_LAST_SNAPSHOT_NAME, record.name.encode(), db=self.meta)
         self._snapshot_epochs.append(epoch)
         self._set_counter(_EPOCH, epoch + 1)

@@ -319,10 +319,13 @@ class BlockStore:
             raise
 
     def _read_checked(self, loc: BlockLocation, full: bool = False) -> bytes:
+        return self._read_record(loc, full)[1]
+
+    def _read_record(self, loc: BlockLocation, full: bool) -> tuple[bytes, bytes]:
         record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
         if not record and not self.packs.path(loc.pack_id).exists():
             raise CorruptBlock(loc.hash, loc.pack_id, loc.offset, "pack file is missing")
-        return codec.decode_record(record, loc.hash, loc.pack_id, loc.offset, full)
+        return record, codec.decode_record(record, loc.hash, loc.pack_id, loc.offset, full)
 
     def _read_here_if_cached(self, locs: Sequence[BlockLocation]) -> list[bytes | None]:
         """The blocks read and checked in the calling (event loop) thread where the page
@@ -451,7 +454,20 @@ class BlockStore:
 
     def relocate(self, loc: BlockLocation, record: bytes) -> None:
         """Append a verified record to the current pack and point the index there."""
-        new_pack, new_offset = self.packs.append(record)
-        moved = BlockLocation(loc.hash, new_pack, new_offset, loc.stored_len, loc.raw_len,
-                              loc.codec, loc.refcount)
-        self.store.txn.put(loc.hash, moved.value(), db=self.db)
+        self._place_record(loc, record, loc.refcount)
+
+    def put_record(self, loc: BlockLocation, record: bytes) -> None:
+        """Store a block that is not here from another store's record, verified by the
+        caller, byte for byte (replication: no recompression), with one reference."""
+        self._place_record(loc, record, 1)
+
+    def _place_record(self, loc: BlockLocation, record: bytes, refcount: int) -> None:
+        pack_id, offset = self.packs.append(record)
+        placed = BlockLocation(loc.hash, pack_id, offset, loc.stored_len, loc.raw_len,
+                               loc.codec, refcount)
+        self.store.txn.put(loc.hash, placed.value(), db=self.db)
+
+    def read_record(self, loc: BlockLocation) -> tuple[bytes, bytes]:
+        """(record, plaintext) of a block, checked in full (its BLAKE3 address too), to
+        copy the record elsewhere as it is."""
+        return self._read_record(loc, full=True)
