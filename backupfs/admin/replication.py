@@ -28,7 +28,6 @@ reaches them.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -40,6 +39,7 @@ from ..store import codec
 
 # Inodes whose records are dropped at once per collect_garbage call, in the replica.
 GC_BUDGET = 10_000
+LIVENESS_CACHE_MAX = 1 << 16
 
 
 class ReplicationError(BackupfsError):
@@ -87,7 +87,7 @@ def plan(source: Namespace, replica: Namespace, rollback: bool = False) -> Plan:
             f"the destination's newest snapshot, {newest.name}, is not in the source "
             f"(deleted there, or taken in the destination): there is nothing to send "
             f"changes against; replicate into a new store")
-    if not rollback and local_changes(replica):
+    if not rollback and has_local_changes(replica):
         raise ReplicationError(
             f"the destination's live tree was changed after its snapshot {newest.name} "
             f"(mounted and written to): --rollback discards those changes")
@@ -101,7 +101,7 @@ def run(todo: Plan, source: Namespace, replica: Namespace, rollback: bool = Fals
     def sender(name: str, source: Namespace) -> Sender:
         return Sender(source, replica, progress and (lambda d, t: progress(name, d, t)))
 
-    if rollback and todo.base is not None and local_changes(replica):
+    if rollback and todo.base is not None and has_local_changes(replica):
         yield sender(replica.snapshots()[-1].name, replica).rollback()
     base_epoch = todo.base.epoch if todo.base else 0
     for snapshot in todo.todo:
@@ -109,20 +109,19 @@ def run(todo: Plan, source: Namespace, replica: Namespace, rollback: bool = Fals
         base_epoch = snapshot.epoch
 
 
-def changed_keys(ns: Namespace, first: int, last: int) -> dict[int, set[bytes]]:
-    """table id -> the keys with a version born in epochs first..last."""
-    changed: dict[int, set[bytes]] = defaultdict(set)
+def changed_keys(ns: Namespace, first: int, last: int) -> Iterator[tuple[int, bytes]]:
+    """(table id, key) of each version born in epochs first..last, read a piece at a time
+    (a send of a whole store must not hold every key in memory). A key changed in several
+    epochs comes once for each; looking at it again finds nothing to do."""
     for _, table_id, prefix, _ in ns.births.walk(first, last):
-        changed[table_id].add(prefix)
-    return changed
+        yield table_id, prefix
 
 
-def local_changes(replica: Namespace) -> int:
-    """How many records of the replica's live tree differ from its newest snapshot."""
+def has_local_changes(replica: Namespace) -> bool:
+    """Whether a record of the replica's live tree differs from its newest snapshot."""
     newest = replica.snapshots()[-1].epoch
-    return sum(replica.tables[t].read(prefix, newest) != replica.tables[t].read(prefix, replica.epoch)
-               for t, prefixes in changed_keys(replica, newest + 1, replica.epoch).items()
-               for prefix in prefixes)
+    return any(replica.tables[t].read(prefix, newest) != replica.tables[t].read(prefix, replica.epoch)
+               for t, prefix in changed_keys(replica, newest + 1, replica.epoch))
 
 
 class Sender:
@@ -140,25 +139,23 @@ class Sender:
         name and time; committed. `base_epoch`: the source epoch of the snapshot the
         replica's live tree is now (0 for none: everything is sent)."""
         sent = Sent(snapshot.name)
-        self._copy(snapshot.epoch, changed_keys(self.src, base_epoch + 1, snapshot.epoch), sent)
+        self._copy(snapshot.epoch, base_epoch + 1, snapshot.epoch, sent)
         self.dst.reserve_inos_below(self.src.next_ino)
         self.dst.snapshot(label=snapshot.label, now_ns=snapshot.created_ns, name=snapshot.name)
         self.dst.store.commit()
         return sent
 
-    def _copy(self, epoch: int, changed: dict[int, set[bytes]], sent: Sent) -> None:
-        """Give every changed key of the replica's live tree its value at the source's
-        `epoch`; then free what files that went away leave."""
-        total = sum(map(len, changed.values()))
-        done = 0
-        self.progress(done, total)
+    def _copy(self, epoch: int, first: int, last: int, sent: Sent) -> None:
+        """Give every key with a version born in the source's epochs first..last, in the
+        replica's live tree, its value at the source's `epoch`; then free what files
+        that went away leave."""
+        total = sum(1 for _ in changed_keys(self.src, first, last))
+        self.progress(0, total)
         alive = _Liveness(self.src, epoch)
-        for table_id in sorted(changed):
-            for prefix in sorted(changed[table_id]):
-                self._copy_record(table_id, prefix, epoch, alive, sent)
-                done += 1
-                if done % 1000 == 0:
-                    self.progress(done, total)
+        for done, (table_id, prefix) in enumerate(changed_keys(self.src, first, last), 1):
+            self._copy_record(table_id, prefix, epoch, alive, sent)
+            if done % 1000 == 0:
+                self.progress(done, total)
         self.progress(total, total)
         # A file gone since leaves its block map and xattrs: freed as the source's own
         # garbage collection frees an unlinked file's.
@@ -193,7 +190,9 @@ class Sender:
         (Sender(replica, replica)); committed."""
         newest = self.dst.snapshots()[-1]
         sent = Sent(newest.name, rollback=True)
-        self._copy(newest.epoch, changed_keys(self.dst, newest.epoch + 1, self.dst.epoch), sent)
+        # Walked while written: a key met again (born anew in the live epoch) is found
+        # done, and births.walk resumes after the last key it gave.
+        self._copy(newest.epoch, newest.epoch + 1, self.dst.epoch, sent)
         self.dst.store.commit()
         return sent
 
@@ -232,6 +231,8 @@ class _Liveness:
     def __call__(self, ino: int) -> bool:
         known = self._known.get(ino)
         if known is None:
+            if len(self._known) >= LIVENESS_CACHE_MAX:
+                self._known.clear()  # keys come by inode within an epoch: few are met again
             v = self.ns.inodes.read(U64.pack(ino), self.epoch)
             known = self._known[ino] = v is not None and unpack_inode(ino, v).nlink > 0
         return known
