@@ -21,6 +21,7 @@ from hypothesis.stateful import invariant, precondition, rule
 
 from backupfs.namespace import ROOT_INO, Namespace
 from backupfs.namespace.records import U64, unpack_inode
+from backupfs.admin import replication
 from backupfs.admin.replication import ReplicationError, plan, run, same_snapshot
 from backupfs.store import Store
 from nsmodel import check_versions_exact, describe_view
@@ -146,6 +147,8 @@ class ReplicationMachine(NamespaceMachine):
         refs = check_versions_exact(self.rns)
         for loc in self.rstore.blocks.iter_locations():
             assert loc.refcount == refs.get(loc.hash, 0), loc
+            # Compaction finds unreferenced blocks by the dead index.
+            assert self.rstore.blocks.in_dead_index(loc) == (loc.refcount == 0), loc
             if loc.refcount:
                 assert self.rstore.blocks.get(loc.hash)  # readable, checked
 
@@ -235,3 +238,34 @@ def test_a_rollback_names_again_a_file_unlinked_in_the_replica(machine):
     assert undone.rollback and m.rns.orphans() == []
     assert m.rns.live.lookup(ROOT_INO, b"f").nlink == 1
     check(m)
+
+
+def test_an_interrupted_send_keeps_the_blocks_it_committed(machine, monkeypatch):
+    """Blocks go over first, committed as they go, as blocks nothing refers to yet; a
+    send cut short after them leaves a consistent replica, and the next run takes them
+    as they are instead of copying them again."""
+    m = machine
+    contents = [bytes([i]) * 1000 for i in range(5)]
+    for i, c in enumerate(contents):
+        new_file(m, b"f%d" % i, c)
+    m.ns.snapshot(now_ns=m.now())
+    m.store.commit()
+    monkeypatch.setattr(replication, "COMMIT_BYTES", 1)  # a commit after every block
+
+    def cut_short(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(replication.Sender, "_copy", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        send_all(m)
+    m.rstore.close(commit=False)                  # what the command does then
+    m.rstore = Store.open(m.rstore.path)
+    m.rns = Namespace(m.rstore)
+    assert m.rns.snapshots() == []
+    dead = [loc for loc in m.rstore.blocks.iter_locations()]
+    assert len(dead) == 5 and all(loc.refcount == 0 for loc in dead)
+    check(m)                                      # exact: unreferenced, listed dead
+    monkeypatch.undo()
+    [sent] = send_all(m)
+    assert (sent.blocks_copied, sent.blocks_shared) == (0, 5)
+    check(m)
+    assert all(loc.refcount == 1 for loc in m.rstore.blocks.iter_locations())

@@ -18,9 +18,12 @@ newest one both stores have (the base), oldest first:
 - The replica's live tree must be as its newest snapshot left it (the replica is not for
   writing into); a run refuses otherwise, and refuses a replica whose newest snapshot
   the source does not have.
-- Each snapshot is one transaction of the replica (packs synced, then the index
-  committed): an interruption leaves it at the last whole snapshot, and the next run
-  goes on from there.
+- The blocks a snapshot needs go first, committed every COMMIT_BYTES as blocks nothing
+  refers to yet (dead, as a deleted file's are). Then its records, and the snapshot, in
+  one transaction of the replica (packs synced, then the index committed). An
+  interruption leaves the replica at its last whole snapshot, with the blocks copied so
+  far: the next run takes those as they are and goes on (a `compact` in between would
+  drop them).
 
 Files unlinked but still open when a snapshot was taken (nlink 0) are not sent: no name
 reaches them.
@@ -39,6 +42,8 @@ from ..store import codec
 
 # Inodes whose records are dropped at once per collect_garbage call, in the replica.
 GC_BUDGET = 10_000
+# Bytes of blocks copied between commits: what an interrupted run copies again.
+COMMIT_BYTES = 256 << 20
 LIVENESS_CACHE_MAX = 1 << 16
 
 
@@ -61,7 +66,7 @@ class Sent:
     records: int = 0             # namespace records written in the replica
     blocks_copied: int = 0       # blocks the replica did not have
     bytes_copied: int = 0        # their records' bytes
-    blocks_shared: int = 0       # references to blocks it had
+    blocks_shared: int = 0       # references to blocks it had (or had just copied)
     removed_inodes: list[int] = field(default_factory=list)
 
 
@@ -139,11 +144,31 @@ class Sender:
         name and time; committed. `base_epoch`: the source epoch of the snapshot the
         replica's live tree is now (0 for none: everything is sent)."""
         sent = Sent(snapshot.name)
+        self._copy_blocks(snapshot.epoch, base_epoch + 1, sent)
         self._copy(snapshot.epoch, base_epoch + 1, snapshot.epoch, sent)
         self.dst.reserve_inos_below(self.src.next_ino)
         self.dst.snapshot(label=snapshot.label, now_ns=snapshot.created_ns, name=snapshot.name)
         self.dst.store.commit()
         return sent
+
+    def _copy_blocks(self, epoch: int, first: int, sent: Sent) -> None:
+        """Copy the blocks that the block maps changed in epochs first..epoch name at
+        `epoch` and the replica lacks, committing every COMMIT_BYTES."""
+        alive = _Liveness(self.src, epoch)
+        since_commit = 0
+        for table_id, prefix in changed_keys(self.src, first, epoch):
+            if table_id != self.src.blockmap.table_id:
+                continue
+            h = self.src.blockmap.read(prefix, epoch)
+            if h is None or not alive(U64.unpack_from(prefix)[0]):
+                continue
+            if self.dst.store.blocks.location_or_none(h) is not None:
+                sent.blocks_shared += 1
+                continue
+            since_commit += self._copy_block(h, sent)
+            if since_commit >= COMMIT_BYTES:
+                self.dst.store.commit()
+                since_commit = 0
 
     def _copy(self, epoch: int, first: int, last: int, sent: Sent) -> None:
         """Give every key with a version born in the source's epochs first..last, in the
@@ -197,12 +222,13 @@ class Sender:
         return sent
 
     def _take_block(self, h: bytes, sent: Sent) -> None:
-        """One more reference to block `h` in the replica, copying it there if need be."""
+        """One more reference to block `h` in the replica. It is there: copied by
+        `_copy_blocks`, which reads the same view, or a rollback's own."""
+        self.dst.store.blocks.incref(h)
+
+    def _copy_block(self, h: bytes, sent: Sent) -> int:
+        """Copy block `h` from the source, unreferenced; the bytes it took."""
         blocks = self.dst.store.blocks
-        if blocks.location_or_none(h) is not None:
-            blocks.incref(h)
-            sent.blocks_shared += 1
-            return
         loc = self.src.store.blocks.locate(h)
         try:
             record, plaintext = self.src.store.blocks.read_record(loc)
@@ -211,13 +237,16 @@ class Sender:
                 f"{e}: nothing of snapshot {sent.name} was written to the destination "
                 f"(a pack compacted by the source's daemon meanwhile? run again; "
                 f"else `backupfs verify` the source)") from None
+        sent.blocks_copied += 1
         if bool(loc.codec & codec.CHECKED) == blocks.checked_records:
             blocks.put_record(loc, record)
             sent.bytes_copied += len(record)
-        else:  # stores of different format versions: encoded as the replica's are
-            blocks.put(plaintext)
-            sent.bytes_copied += len(plaintext)
-        sent.blocks_copied += 1
+            return len(record)
+        # Stores of different format versions: encoded as the replica's are.
+        blocks.put(plaintext)
+        blocks.decref(h)
+        sent.bytes_copied += len(plaintext)
+        return len(plaintext)
 
 
 class _Liveness:

@@ -458,14 +458,17 @@ class BlockStore:
 
     def put_record(self, loc: BlockLocation, record: bytes) -> None:
         """Store a block that is not here from another store's record, verified by the
-        caller, byte for byte (replication: no recompression), with one reference."""
-        self._place_record(loc, record, 1)
+        caller, byte for byte (no recompression), with no reference yet: it is listed
+        dead until `incref` (replication copies blocks, committing as it goes, before
+        the records that refer to them)."""
+        self._mark_dead(self._place_record(loc, record, 0))
 
-    def _place_record(self, loc: BlockLocation, record: bytes, refcount: int) -> None:
+    def _place_record(self, loc: BlockLocation, record: bytes, refcount: int) -> BlockLocation:
         pack_id, offset = self.packs.append(record)
         placed = BlockLocation(loc.hash, pack_id, offset, loc.stored_len, loc.raw_len,
                                loc.codec, refcount)
         self.store.txn.put(loc.hash, placed.value(), db=self.db)
+        return placed
 
     def read_record(self, loc: BlockLocation) -> tuple[bytes, bytes]:
         """(record, plaintext) of a block, checked in full (its BLAKE3 address too), to
