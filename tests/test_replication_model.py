@@ -269,3 +269,23 @@ def test_an_interrupted_send_keeps_the_blocks_it_committed(machine, monkeypatch)
     assert (sent.blocks_copied, sent.blocks_shared) == (0, 5)
     check(m)
     assert all(loc.refcount == 1 for loc in m.rstore.blocks.iter_locations())
+
+
+def test_a_snapshot_being_deleted_in_the_replica_is_not_sent_over_it(machine):
+    m = machine
+    new_file(m, b"f")
+    m.ns.snapshot(now_ns=m.now())
+    new_file(m, b"g")
+    m.ns.snapshot(now_ns=m.now())
+    send_all(m)
+    second = m.rns.snapshots()[-1]
+    m.rns.mark_deleting(second.id)   # deleted in the replica's mount while open there
+    with pytest.raises(ReplicationError, match="--rollback"):
+        plan(m.ns, m.rns)
+    with pytest.raises(ReplicationError, match=f"{second.name} that is being deleted"):
+        plan(m.ns, m.rns, rollback=True)
+    m.rns.delete_snapshot(second.id)  # what the next mount does
+    done = send_all(m, rollback=True)
+    assert [(s.name, s.rollback) for s in done] == [(m.rns.snapshots()[0].name, True),
+                                                   (second.name, False)]
+    check(m)

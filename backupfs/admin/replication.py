@@ -96,7 +96,14 @@ def plan(source: Namespace, replica: Namespace, rollback: bool = False) -> Plan:
         raise ReplicationError(
             f"the destination's live tree was changed after its snapshot {newest.name} "
             f"(mounted and written to): --rollback discards those changes")
-    return Plan(base, [s for s in theirs if s.epoch > base.epoch])
+    todo = [s for s in theirs if s.epoch > base.epoch]
+    held = {r.name for r in replica.catalog.records} & {s.name for s in todo}
+    if held:
+        # A snapshot deleted in the replica while open there, not yet freed.
+        raise ReplicationError(
+            f"the destination still holds a snapshot named {min(held)} that is being "
+            f"deleted: mount it once and unmount it, then run again")
+    return Plan(base, todo)
 
 
 def run(todo: Plan, source: Namespace, replica: Namespace, rollback: bool = False,
@@ -125,7 +132,8 @@ def changed_keys(ns: Namespace, first: int, last: int) -> Iterator[tuple[int, by
 def has_local_changes(replica: Namespace) -> bool:
     """Whether a record of the replica's live tree differs from its newest snapshot."""
     newest = replica.snapshots()[-1].epoch
-    return any(replica.tables[t].read(prefix, newest) != replica.tables[t].read(prefix, replica.epoch)
+    return any(replica.tables[t].read(prefix, newest)
+               != replica.tables[t].read(prefix, replica.epoch)
                for t, prefix in changed_keys(replica, newest + 1, replica.epoch))
 
 

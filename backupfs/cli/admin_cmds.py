@@ -96,8 +96,8 @@ def verify_cmd(target, snapshot, sample, max_duration, restart, as_json):
     that uses a bad one. Exit status 1 when anything is bad, 2 when paused unfinished."""
     from ..admin.verify import verify
 
-    state = verify(current_store(target), snapshot=snapshot, sample=sample, max_duration=max_duration,
-                   restart=restart)
+    state = verify(current_store(target), snapshot=snapshot, sample=sample,
+                   max_duration=max_duration, restart=restart)
     if as_json:
         _echo_json({"finished": state.finished is not None, "checked": state.checked,
                     "bytes": state.bytes, "bad": state.bad})

@@ -1,4 +1,4 @@
-"""replicate: a store's snapshots copied into a second store (snapshots/replication.py)."""
+"""replicate: a store's snapshots copied into a second store (admin/replication.py)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def replicate_cmd(source, dest, rollback, as_json):
     the blocks DEST lacks; DEST's live tree is then the newest snapshot. SOURCE may be
     mounted; DEST must not be while this runs (mount it read-only to browse it)."""
     from ..admin.progress import progress_bar
-    from ..namespace import Namespace
     from ..admin.replication import plan, run
+    from ..namespace import Namespace
     from ..store import Store
 
     source_path = current_store(source)

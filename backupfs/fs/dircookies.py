@@ -14,8 +14,8 @@ costs a dictionary lookup. A cookie no table knows (the daemon restarted, or the
 was dropped) is looked for by hashing the directory's names from the start, once: they
 fill the table on the way. A cookie whose name is gone and was in no table is refused.
 
-Two names of one directory with the same hash (about one chance in 10^12 for a
-million names) must still get different cookies, or a listing could resume at the
+Two names of one directory with the same hash (about one chance in five million for a
+directory of a million names) must still get different cookies, or a listing could resume at the
 wrong one again and again: the later name in order takes its next hash (another seed).
 A scan from the start sees the names in the same order, so it gives the same cookies.
 
