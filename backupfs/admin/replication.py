@@ -31,13 +31,13 @@ reaches them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import BackupfsError, CorruptBlock
 from ..namespace import Namespace
 from ..namespace.catalog import SnapshotRecord
-from ..namespace.records import ROOT_INO, U64, unpack_inode
+from ..namespace.records import ROOT_INO, U64
 from ..store import codec
 
 # Inodes whose records are dropped at once per collect_garbage call, in the replica.
@@ -67,7 +67,6 @@ class Sent:
     blocks_copied: int = 0       # blocks the replica did not have
     bytes_copied: int = 0        # their records' bytes
     blocks_shared: int = 0       # references to blocks it had (or had just copied)
-    removed_inodes: list[int] = field(default_factory=list)
 
 
 def same_snapshot(a: SnapshotRecord, b: SnapshotRecord) -> bool:
@@ -185,20 +184,23 @@ class Sender:
         total = sum(1 for _ in changed_keys(self.src, first, last))
         self.progress(0, total)
         alive = _Liveness(self.src, epoch)
+        gone = []
         for done, (table_id, prefix) in enumerate(changed_keys(self.src, first, last), 1):
-            self._copy_record(table_id, prefix, epoch, alive, sent)
+            if self._copy_record(table_id, prefix, epoch, alive, sent):
+                gone.append(U64.unpack_from(prefix)[0])
             if done % 1000 == 0:
                 self.progress(done, total)
         self.progress(total, total)
         # A file gone since leaves its block map and xattrs: freed as the source's own
         # garbage collection frees an unlinked file's.
-        for ino in sent.removed_inodes:
+        for ino in gone:
             self.dst.reclaim_queue.add(ino, U64.pack(self.dst.epoch))
         while self.dst.collect_garbage(GC_BUDGET):
             pass
 
     def _copy_record(self, table_id: int, prefix: bytes, epoch: int,
-                     alive: "_Liveness", sent: Sent) -> None:
+                     alive: "_Liveness", sent: Sent) -> bool:
+        """Give the key its value at `epoch`; whether that removed an inode record."""
         src_table, dst_table = self.src.tables[table_id], self.dst.tables[table_id]
         ino = U64.unpack_from(prefix)[0]  # every table's keys begin with an inode
         want = src_table.read(prefix, epoch)
@@ -206,17 +208,17 @@ class Sender:
             want = None  # an open unlinked file's, or a gone file's not yet freed
         have = dst_table.read(prefix, self.dst.epoch)
         if want == have:
-            return
+            return False
         if want is not None and dst_table is self.dst.blockmap:
             self._take_block(want, sent)
         dst_table.write(prefix, want)
         sent.records += 1
-        if dst_table is self.dst.inodes:
-            # Only a rollback meets an orphan here (a file unlinked in the replica while
-            # open): named again, or freed with the rest below.
-            self.dst.orphan_set.discard(ino)
-            if want is None:
-                sent.removed_inodes.append(ino)
+        if dst_table is not self.dst.inodes:
+            return False
+        # Only a rollback meets an orphan here (a file unlinked in the replica while
+        # open): named again, or freed with the rest.
+        self.dst.orphan_set.discard(ino)
+        return want is None
 
     def rollback(self) -> Sent:
         """Undo what was written into the replica's live tree since its newest snapshot
@@ -261,8 +263,7 @@ class _Liveness:
     """Whether an inode has a name in one view of the source (cached)."""
 
     def __init__(self, ns: Namespace, epoch: int):
-        self.ns = ns
-        self.epoch = epoch
+        self.view = ns.view(epoch)
         self._known: dict[int, bool] = {}
 
     def __call__(self, ino: int) -> bool:
@@ -270,6 +271,9 @@ class _Liveness:
         if known is None:
             if len(self._known) >= LIVENESS_CACHE_MAX:
                 self._known.clear()  # keys come by inode within an epoch: few are met again
-            v = self.ns.inodes.read(U64.pack(ino), self.epoch)
-            known = self._known[ino] = v is not None and unpack_inode(ino, v).nlink > 0
+            try:
+                known = self.view.getattr(ino).nlink > 0
+            except OSError:  # no such inode there
+                known = False
+            self._known[ino] = known
         return known

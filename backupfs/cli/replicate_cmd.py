@@ -86,8 +86,7 @@ def replicate_cmd(source, dest, rollback, as_json):
     finally:
         src_store.close()
     if as_json:
-        click.echo(json.dumps([{k: v for k, v in asdict(s).items() if k != "removed_inodes"}
-                               for s in results], indent=2))
+        click.echo(json.dumps([asdict(s) for s in results], indent=2))
     elif not any(not s.rollback for s in results):
         click.echo(f"{dest}: up to date")
 
