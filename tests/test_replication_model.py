@@ -23,7 +23,7 @@ from backupfs.namespace import ROOT_INO, Namespace
 from backupfs.namespace.records import U64, unpack_inode
 from backupfs.admin import replication
 from backupfs.admin.replication import ReplicationError, plan, run, same_snapshot
-from backupfs.store import Store
+from backupfs.store import Store, codec
 from nsmodel import check_versions_exact, describe_view
 from test_namespace_model import BS, NamespaceMachine
 
@@ -289,3 +289,36 @@ def test_a_snapshot_being_deleted_in_the_replica_is_not_sent_over_it(machine):
     assert [(s.name, s.rollback) for s in done] == [(m.rns.snapshots()[0].name, True),
                                                    (second.name, False)]
     check(m)
+
+
+def test_a_version_1_source_goes_into_a_checked_replica(tmp_path):
+    """Records of a store made before records carried a checksum are encoded again as
+    the replica's (format version 2), not copied as they are."""
+    Store.init(tmp_path / "old", block_size=BS)
+    cfg = tmp_path / "old" / "config.toml"
+    cfg.write_text(cfg.read_text().replace("format_version = 2", "format_version = 1"))
+    source = Store.open(tmp_path / "old")
+    ns = Namespace(source)
+    data = [b"text " * 500, bytes(range(256)) * 16]
+    for i, content in enumerate(data):
+        attr = ns.live.create(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0, i)
+        ns.live.write_block(attr.ino, 0, source.blocks.put(content))
+        ns.live.setattr(attr.ino, size=len(content))
+    ns.snapshot(now_ns=1)
+    source.commit()
+    Store.init(tmp_path / "replica", block_size=BS)
+    replica = Store.open(tmp_path / "replica")
+    try:
+        rns = Namespace(replica)
+        [sent] = run(plan(ns, rns), ns, rns)
+        assert sent.blocks_copied == 2
+        assert describe_view(rns.view(rns.snapshots()[0].epoch), BS) == \
+            describe_view(ns.view(ns.snapshots()[0].epoch), BS)
+        refs = check_versions_exact(rns)
+        for loc in replica.blocks.iter_locations():
+            assert loc.codec & codec.CHECKED and loc.refcount == refs[loc.hash] == 1
+            assert not replica.blocks.in_dead_index(loc)
+        assert sorted(replica.blocks.get(h) for h in refs) == sorted(data)
+    finally:
+        replica.close()
+        source.close()
