@@ -17,7 +17,8 @@ fill the table on the way. A cookie whose name is gone and was in no table is re
 Two names of one directory with the same hash (about one chance in five million for a
 directory of a million names) must still get different cookies, or a listing could resume at the
 wrong one again and again: the later name in order takes its next hash (another seed).
-A scan from the start sees the names in the same order, so it gives the same cookies.
+A scan from the start sees the names in name order, as listings do, so it gives the
+same cookies, unless the colliding name was created behind a listing under way.
 
 Tables are kept for the MAX_TABLES most recently opened directories, and up to
 MAX_NAMES names in all; an open directory keeps its own table alive.
