@@ -69,7 +69,7 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _size(n: int | None) -> str:
+def human_size(n: int | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -107,7 +107,7 @@ def verify_cmd(target, snapshot, sample, max_duration, restart, as_json):
             for line in _uses_by_path(b.used_by) or ["(no file uses it)"]:
                 click.echo(f"    {line}")
         done = "verified" if state.finished else "paused after"
-        click.echo(f"{done} {state.checked} blocks ({_size(state.bytes)}): "
+        click.echo(f"{done} {state.checked} blocks ({human_size(state.bytes)}): "
                    f"{len(state.bad)} bad")
     if state.bad:
         raise SystemExit(1)
@@ -201,11 +201,11 @@ def stats_cmd(target, quick, as_json):
     if as_json:
         _echo_json(st)
         return
-    click.echo(f"stored      {_size(st['stored_bytes'])} in {st['blocks']} blocks "
-               f"(raw {_size(st['raw_bytes'])}, compression x{st['compression_ratio'] or 1})")
+    click.echo(f"stored      {human_size(st['stored_bytes'])} in {st['blocks']} blocks "
+               f"(raw {human_size(st['raw_bytes'])}, compression x{st['compression_ratio'] or 1})")
     if "dedup_ratio" in st:
         click.echo(f"dedup       x{st['dedup_ratio'] or 1} (bytes referenced by all views / unique)")
-    click.echo(f"dead        {_size(st['dead_bytes'])} (freed, returned by `backupfs compact`)")
+    click.echo(f"dead        {human_size(st['dead_bytes'])} (freed, returned by `backupfs compact`)")
     errors = st.get("daemon", {}).get("checksum_errors")
     if errors is not None:
         click.echo(f"checksum errors seen by the mount: {errors}")
@@ -215,11 +215,11 @@ def stats_cmd(target, quick, as_json):
     if "live" in st:
         click.echo(f"\n{'view':28} {'files':>8} {'logical':>11} {'referenced':>11} {'unique':>11}")
         lv = st["live"]
-        click.echo(f"{'live':28} {lv['files']:>8} {_size(lv['logical_bytes']):>11} "
-                   f"{_size(lv['referenced_bytes']):>11} {'':>11}")
+        click.echo(f"{'live':28} {lv['files']:>8} {human_size(lv['logical_bytes']):>11} "
+                   f"{human_size(lv['referenced_bytes']):>11} {'':>11}")
         for s in st["snapshots"]:
-            click.echo(f"{s['name']:28} {s['files']:>8} {_size(s['logical_bytes']):>11} "
-                       f"{_size(s['referenced_bytes']):>11} {_size(s['unique_bytes']):>11}")
+            click.echo(f"{s['name']:28} {s['files']:>8} {human_size(s['logical_bytes']):>11} "
+                       f"{human_size(s['referenced_bytes']):>11} {human_size(s['unique_bytes']):>11}")
 
 
 # -- compact -----------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def compact_cmd(target, threshold, as_json):
         _echo_json(result)
     else:
         click.echo(f"rewrote {result['packs_rewritten']} packs, freed "
-                   f"{_size(result['bytes_freed'])} ({result['blocks_moved']} blocks moved, "
+                   f"{human_size(result['bytes_freed'])} ({result['blocks_moved']} blocks moved, "
                    f"{result['blocks_dropped']} dead blocks dropped)")
         for c in result.get("corrupt") or []:
             click.echo(f"left in place, corrupt: {c}")

@@ -10,7 +10,7 @@ import click
 
 from ..errors import BackupfsError, StoreInUse
 from . import main
-from .admin_cmds import _size, current_store
+from .admin_cmds import current_store, human_size
 from .store_cmds import make_store
 
 
@@ -95,4 +95,4 @@ def _describe(sent, dest: Path) -> str:
     if sent.rollback:
         return f"{dest}: {sent.records} records written since {sent.name} rolled back"
     return (f"{sent.name}: {sent.records} records, {sent.blocks_copied} blocks copied "
-            f"({_size(sent.bytes_copied)}), {sent.blocks_shared} already there")
+            f"({human_size(sent.bytes_copied)}), {sent.blocks_shared} already there")

@@ -82,7 +82,7 @@ class NamespaceView:
             yield rec.entry_name(prefix)
 
     def is_empty_dir(self, ino: int) -> bool:
-        return next(self.readdir(ino), None) is None
+        return next(self.names(ino), None) is None
 
     # -- file contents ---------------------------------------------------------------
 

@@ -321,6 +321,11 @@ class BlockStore:
     def _read_checked(self, loc: BlockLocation, full: bool = False) -> bytes:
         return self._read_record(loc, full)[1]
 
+    def read_record(self, loc: BlockLocation) -> tuple[bytes, bytes]:
+        """(record, plaintext) of a block, checked in full (its BLAKE3 address too), to
+        copy the record elsewhere as it is."""
+        return self._read_record(loc, full=True)
+
     def _read_record(self, loc: BlockLocation, full: bool) -> tuple[bytes, bytes]:
         record = self.packs.read(loc.pack_id, loc.offset, loc.record_len)
         if not record and not self.packs.path(loc.pack_id).exists():
@@ -470,7 +475,3 @@ class BlockStore:
         self.store.txn.put(loc.hash, placed.value(), db=self.db)
         return placed
 
-    def read_record(self, loc: BlockLocation) -> tuple[bytes, bytes]:
-        """(record, plaintext) of a block, checked in full (its BLAKE3 address too), to
-        copy the record elsewhere as it is."""
-        return self._read_record(loc, full=True)
