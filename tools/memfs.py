@@ -7,7 +7,7 @@ entry/attr timeouts, writeback cache, a getxattr that answers at once: EOPNOTSUP
 ACLs and SELinux labels, ENOATTR for the rest; the same read-ahead), so the difference
 between the two is what backupfs's own work costs, not FUSE or pyfuse3.
 
-    tools/memfs.py MOUNTPOINT [-o allow_other] [--discard-data]
+    tools/memfs.py MOUNTPOINT [-o allow_other] [--discard-data | --zstd]
                                   # foreground; unmount with fusermount3 -u
 
 --discard-data keeps only each file's size (reads give zeros): the cost of moving bytes
@@ -15,6 +15,11 @@ through FUSE and pyfuse3 alone. For large writes memfs is no ceiling: writing 1 
 into it cost its daemon 2.5 s of system time against 0.55 s of user time (the fresh
 memory its bytearrays grow into), which a filesystem that passes the bytes on to the
 disk does not pay.
+
+--zstd keeps each file zstd-compressed in memory from its last handle's close on (128
+KiB blocks at level 3, a block that does not shrink kept as it is: what backupfs stores)
+and decompresses the blocks a READ spans in the event loop: the ceiling of a cold read
+that must decode, with no disk, index or checksum behind it.
 
 Supports files, directories, read/write, truncate, chmod/chown/utimens, rename, unlink,
 rmdir, statfs and fsync (a no-op). Not a filesystem to keep anything in.
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import pyfuse3
 import trio
+import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,11 +47,13 @@ from backupfs.fs.operations import UNSUPPORTED_XATTRS  # noqa: E402
 
 TIMEOUT = 300.0
 ROOT = pyfuse3.ROOT_INODE
+ZSTD_BLOCK = 128 * 1024  # backupfs's default block size
+ZSTD_LEVEL = 3  # and compression level
 
 
 class Node:
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "atime", "mtime", "ctime", "data",
-                 "children", "rdev", "target", "discarded_size")
+                 "children", "rdev", "target", "discarded_size", "frozen", "frozen_size")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int):
         now = time.time_ns()
@@ -57,14 +65,21 @@ class Node:
         self.rdev = 0
         self.target = b""
         self.discarded_size = 0  # --discard-data: the size the discarded writes reached
+        # --zstd: the file's blocks as (compressed?, payload) once its handles are
+        # released; `data` is then empty until a write or truncate thaws them.
+        self.frozen: list[tuple[bool, bytes]] | None = None
+        self.frozen_size = 0
 
 
 class MemFS(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, discard_data: bool = False):
+    def __init__(self, discard_data: bool = False, zstd: bool = False):
         super().__init__()
         self.discard_data = discard_data
+        self.zstd = zstd
+        self._compress = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress
+        self._decompress = zstandard.ZstdDecompressor().decompress
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, stat.S_IFDIR | 0o755, 0, 0)}
         self._ino = itertools.count(ROOT + 1)
         self._fh = itertools.count(1)
@@ -82,7 +97,8 @@ class MemFS(pyfuse3.Operations):
         e.entry_timeout = e.attr_timeout = TIMEOUT
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid = n.mode, n.nlink, n.uid, n.gid
         e.st_rdev = n.rdev
-        e.st_size = len(n.target) if n.target else max(len(n.data), n.discarded_size)
+        e.st_size = len(n.target) if n.target else max(len(n.data), n.discarded_size,
+                                                          n.frozen_size)
         e.st_blksize = 131072
         e.st_blocks = (e.st_size + 511) // 512
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = n.atime, n.mtime, n.ctime
@@ -105,6 +121,7 @@ class MemFS(pyfuse3.Operations):
         now = time.time_ns()
         if fields.update_size:
             size = attr.st_size
+            self._thaw(n)
             if self.discard_data:
                 n.discarded_size = size
             elif size < len(n.data):
@@ -167,6 +184,8 @@ class MemFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         n = self.nodes[self.open_fh[fh]]
+        if n.frozen is not None:
+            return self._read_frozen(n, off, size)
         if self.discard_data:
             return bytes(max(0, min(size, n.discarded_size - off)))
         # A view, not a copy: pyfuse3 sends it before another task can resize the
@@ -176,8 +195,34 @@ class MemFS(pyfuse3.Operations):
         # "A steady ceiling, and the cold read against it").
         return memoryview(n.data)[off:off + size]
 
+    def _read_frozen(self, n: Node, off: int, size: int) -> memoryview | bytes:
+        end = min(off + size, n.frozen_size)
+        if off >= end:
+            return b""
+        first, last = off // ZSTD_BLOCK, (end - 1) // ZSTD_BLOCK
+        plain = b"".join([self._decompress(payload) if compressed else payload
+                          for compressed, payload in n.frozen[first:last + 1]])
+        start = first * ZSTD_BLOCK
+        return memoryview(plain)[off - start:end - start]
+
+    def _freeze(self, n: Node) -> None:
+        if not self.zstd or not n.data or not stat.S_ISREG(n.mode):
+            return
+        blocks = []
+        for i in range(0, len(n.data), ZSTD_BLOCK):
+            block = bytes(n.data[i:i + ZSTD_BLOCK])
+            packed = self._compress(block)
+            blocks.append((True, packed) if len(packed) < len(block) else (False, block))
+        n.frozen, n.frozen_size, n.data = blocks, len(n.data), bytearray()
+
+    def _thaw(self, n: Node) -> None:
+        if n.frozen is not None:
+            n.data = bytearray(self._read_frozen(n, 0, n.frozen_size))
+            n.frozen, n.frozen_size = None, 0
+
     async def write(self, fh, off, buf):
         n = self.nodes[self.open_fh[fh]]
+        self._thaw(n)
         if self.discard_data:
             n.discarded_size = max(n.discarded_size, off + len(buf))
             n.mtime = n.ctime = time.time_ns()
@@ -189,7 +234,11 @@ class MemFS(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh):
-        pass
+        # The last close of a file freezes it (--zstd) before close() returns, so a
+        # benchmark's first read never waits for the compression.
+        ino = self.open_fh[fh]
+        if list(self.open_fh.values()).count(ino) == 1:
+            self._freeze(self.nodes[ino])
 
     async def fsync(self, fh, datasync):
         pass
@@ -277,13 +326,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mountpoint")
     ap.add_argument("-o", dest="options", action="append", default=[])
-    ap.add_argument("--discard-data", action="store_true",
-                    help="keep only file sizes: measures FUSE and pyfuse3 alone")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--discard-data", action="store_true",
+                      help="keep only file sizes: measures FUSE and pyfuse3 alone")
+    mode.add_argument("--zstd", action="store_true",
+                      help="keep released files zstd-compressed: decode on every READ")
     args = ap.parse_args()
     opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
     opts |= {o for v in args.options for o in v.split(",") if o}
     mountpoint = Path(args.mountpoint).resolve()  # not once mounted: it would ask itself
-    pyfuse3.init(MemFS(args.discard_data), str(mountpoint), opts)
+    pyfuse3.init(MemFS(args.discard_data, args.zstd), str(mountpoint), opts)
 
     async def read_ahead(mountpoint: Path) -> None:
         try:
