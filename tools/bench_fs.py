@@ -24,7 +24,9 @@ core busy: a target above that ceiling needs less work, not better overlap.
 
 After each round, the sequential write also goes into `memfs --discard-data`, which keeps
 no bytes: the cost of FUSE and pyfuse3 alone (memfs itself is no ceiling for big writes:
-it pays for the fresh memory it stores them in).
+it pays for the fresh memory it stores them in). And the cold read is also measured from
+`memfs --zstd`, which keeps the file compressed in memory as backupfs stores it and
+decodes it on every READ: the ceiling of a cold read that must decode.
 
 The work runs in --rounds rounds (default 3), each with fresh data and the three targets
 in a rotated order, so a burst of noise (a busy neighbour, the host flushing its cache)
@@ -138,17 +140,13 @@ def seq_write(path: Path, data: bytes) -> tuple[float, float]:
     return len(data) / 1e6 / wall, cpu
 
 
-def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> dict:
-    res: dict[str, float] = {}
-    size = len(data)
-    big = root / "big"
-    res["seq_write_MBps"], res["seq_write_cpu_s"] = seq_write(big, data)
-    res["seq_rewrite_MBps"] = seq_write(root / "big2", data)[0]
-    os.unlink(root / "big2")
+def cold_read(path: Path, size: int) -> tuple[float, float]:
+    """Drop the page cache, then read the file of `size` bytes in 1 MiB reads: MB/s,
+    and the busy CPU seconds of the machine meanwhile."""
     drop_caches()
 
     def read_big():
-        fd = os.open(big, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             n = 0
             while True:
@@ -160,8 +158,18 @@ def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> di
         finally:
             os.close(fd)
 
-    wall, res["cold_read_cpu_s"] = timed_with_cpu(read_big)
-    res["cold_read_MBps"] = size / 1e6 / wall
+    wall, cpu = timed_with_cpu(read_big)
+    return size / 1e6 / wall, cpu
+
+
+def bench_target(root: Path, data: bytes, nfiles: int, source_small: Path) -> dict:
+    res: dict[str, float] = {}
+    size = len(data)
+    big = root / "big"
+    res["seq_write_MBps"], res["seq_write_cpu_s"] = seq_write(big, data)
+    res["seq_rewrite_MBps"] = seq_write(root / "big2", data)[0]
+    os.unlink(root / "big2")
+    res["cold_read_MBps"], res["cold_read_cpu_s"] = cold_read(big, size)
     os.unlink(big)
 
     small = root / "small"
@@ -266,14 +274,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     raw, store, source = work / "raw", work / "store", work / "small-source"
     mnt_b, mnt_m, mnt_s = work / "mnt-backupfs", work / "mnt-memfs", work / "mnt-sink"
-    for p in (raw, mnt_b, mnt_m, mnt_s, source):
+    mnt_z = work / "mnt-zstd"
+    for p in (raw, mnt_b, mnt_m, mnt_s, mnt_z, source):
         p.mkdir(exist_ok=False)
     # The tree that `cp -a` copies in, on the raw disk.
     for i in range(args.files):
         (source / f"file-{i:05d}").write_bytes(os.urandom(4096))
-    memfs = sink = None
+    memfs = sink = zstd = None
     rounds: list[dict[str, dict]] = []
     sink_MBps: list[float] = []  # sequential write into memfs --discard-data
+    zstd_read: list[tuple[float, float]] = []  # cold read out of memfs --zstd: MB/s, CPU s
     targets = [("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)]
     try:
         subprocess.run([PY, "-m", "backupfs", "init", str(store)], check=True, cwd=REPO,
@@ -284,8 +294,11 @@ def main() -> None:
                                  stdin=subprocess.DEVNULL)
         sink = subprocess.Popen([PY, str(HERE / "memfs.py"), "--discard-data", str(mnt_s)],
                                 stdin=subprocess.DEVNULL)
+        zstd = subprocess.Popen([PY, str(HERE / "memfs.py"), "--zstd", str(mnt_z)],
+                                stdin=subprocess.DEVNULL)
         wait_mounted(mnt_m, memfs, "memfs")
         wait_mounted(mnt_s, sink, "memfs --discard-data")
+        wait_mounted(mnt_z, zstd, "memfs --zstd")
         wait_mounted(mnt_b, None, "backupfs")
         for n in range(args.rounds):
             # Fresh bytes every round: backupfs must not dedup against the last round.
@@ -300,12 +313,16 @@ def main() -> None:
             print(f"round {n + 1}: measuring the FUSE channel alone ...", flush=True)
             sink_MBps.append(seq_write(mnt_s / "big", data)[0])
             os.unlink(mnt_s / "big")
+            print(f"round {n + 1}: measuring the cold read that only decodes ...", flush=True)
+            seq_write(mnt_z / "big", data)  # compressed as its close returns
+            zstd_read.append(cold_read(mnt_z / "big", size))
+            os.unlink(mnt_z / "big")
         subprocess.run(["sync"], check=True)
         stored = sum(f.stat().st_size for f in (store / "packs").rglob("*") if f.is_file())
     finally:
         if is_mounted(mnt_b):
             subprocess.run([PY, "-m", "backupfs", "umount", str(mnt_b)], cwd=REPO)
-        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s)):
+        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s), (zstd, mnt_z)):
             if proc is None:
                 continue
             subprocess.run(["fusermount3", "-u", str(mnt)])
@@ -336,6 +353,12 @@ def main() -> None:
     print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {channel:.0f} MB/s, "
           f"{channel / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "
           f"{medians['backupfs']['seq_write_MBps'] / channel:.2f}x of it")
+    zstd_MBps = statistics.median(r[0] for r in zstd_read)
+    print(f"cold read that only decodes (memfs --zstd): {zstd_MBps:.0f} MB/s, "
+          f"{zstd_MBps / medians['memfs']['cold_read_MBps']:.2f}x memfs, at "
+          f"{statistics.median(r[1] for r in zstd_read) * 2**30 / size:.2f} busy CPU s per "
+          f"GiB; backupfs reads at {medians['backupfs']['cold_read_MBps'] / zstd_MBps:.2f}x "
+          f"of it")
     print_cpu_ceilings(medians, size)
     print(f"backupfs packs on disk after the run: {stored / 1e6:.0f} MB (each round stores "
           f"{size / 1e6:.0f} MB of half-compressible data once, its rewrite dedups)")
@@ -344,6 +367,7 @@ def main() -> None:
             json.dump({"size": size, "files": args.files, "loadavg": load,
                        "cpus": os.cpu_count(), "rounds": rounds, "medians": medians,
                        "ratios": ratios, "sink_seq_write_MBps": sink_MBps,
+                       "zstd_cold_read": [{"MBps": r[0], "cpu_s": r[1]} for r in zstd_read],
                        "store_packs_MB_after_run": stored / 1e6},
                       f, indent=2)
         print(f"wrote {args.json}")
