@@ -264,6 +264,32 @@ def test_garbage_collection_reads_no_more_than_its_budget(ns, monkeypatch):
     check_versions_exact(ns)
 
 
+def test_a_listing_goes_on_across_commits_and_changes(ns):
+    """One scan keeps its cursor while the transaction lasts; a commit between two items
+    (a transaction group while an admin walk waits) must not end or misplace it, nor
+    must names created or removed behind and ahead of it."""
+    live = ns.live
+    d = live.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0, 1).ino
+    for i in range(0, 100, 2):
+        live.create(d, b"n%03d" % i, stat.S_IFREG | 0o644, 0, 0, 2)
+    ns.store.commit()
+    listed = []
+    for name, attr in live.readdir(d):
+        listed.append(name)
+        if name == b"n020":
+            ns.store.commit()
+            live.unlink(d, b"n030", 3)                                    # ahead: gone
+            live.create(d, b"n031", stat.S_IFREG | 0o644, 0, 0, 3)       # ahead: listed
+            live.create(d, b"n011", stat.S_IFREG | 0o644, 0, 0, 3)       # behind: not
+        if name == b"n050":
+            ns.store.commit()
+            ns.store.commit()
+            live.unlink(d, b"n052", 4)
+        assert live.getattr(attr.ino).ino == attr.ino
+    expected = [b"n%03d" % i for i in range(0, 100, 2) if i not in (30, 52)] + [b"n031"]
+    assert listed == sorted(expected)
+
+
 def test_a_deleted_snapshots_name_is_not_given_again(ns):
     """Two snapshots in one second are T and T-2; after both are deleted, the next in
     that second is T-3, and the name given last survives a reopen of the store."""
