@@ -45,6 +45,9 @@ class InodeSet:
     def discard(self, ino: int) -> None:
         self.store.txn.delete(U64.pack(ino), db=self.db)
 
+    def __contains__(self, ino: int) -> bool:
+        return self.store.txn.get(U64.pack(ino), db=self.db) is not None
+
     def items(self, limit: int | None = None) -> list[tuple[int, bytes]]:
         """(inode, value) in inode order: all, or the first `limit`."""
         rows = itertools.islice(self.store.txn.cursor(db=self.db), limit)
