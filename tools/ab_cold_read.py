@@ -9,10 +9,9 @@ A VERSION is a source tree of backupfs (a checkout or `git worktree`), optionall
 word `memfs` is this tree's tools/memfs.py, and `memfs-zstd` the same with `--zstd` (its
 file kept compressed as backupfs stores it, decoded on every READ). Each version gets
 its own copy of a store holding 1 GiB of bench_fs's data, written by its own tree's
-code (so versions of
-different store formats compare), and every version is mounted at once. Then each round
-drops the page cache and reads the same cold segment from each mount, in a shuffled
-order; the next round takes the next segment. It prints each version's median MB/s, the
+code (so versions of different store formats compare), and every version is mounted at
+once. Then each round drops the page cache and reads the same cold segment from each
+mount, in a shuffled order; the next round takes the next segment. It prints each version's median MB/s, the
 CPU its processes (daemon and decoders) and the whole machine spent per GiB, and how
 often each version beat the first.
 

@@ -18,8 +18,9 @@ disk does not pay.
 
 --zstd keeps each file zstd-compressed in memory from its last handle's close on (128
 KiB blocks at level 3, a block that does not shrink kept as it is: what backupfs stores)
-and decompresses the blocks a READ spans in the event loop: the ceiling of a cold read
-that must decode, with no disk, index or checksum behind it.
+and decompresses the blocks a READ spans in the event loop, each straight into its place
+in one reused reply buffer (as backupfs's decoders do into theirs): the ceiling of a
+cold read that must decode, with no disk, index or checksum behind it.
 
 Supports files, directories, read/write, truncate, chmod/chown/utimens, rename, unlink,
 rmdir, statfs and fsync (a no-op). Not a filesystem to keep anything in.
@@ -65,8 +66,8 @@ class Node:
         self.rdev = 0
         self.target = b""
         self.discarded_size = 0  # --discard-data: the size the discarded writes reached
-        # --zstd: the file's blocks as (compressed?, payload) once its handles are
-        # released; `data` is then empty until a write or truncate thaws them.
+        # --zstd: the file's blocks as (compressed?, payload) from its last close on;
+        # `data` is then empty until a write or truncate thaws them.
         self.frozen: list[tuple[bool, bytes]] | None = None
         self.frozen_size = 0
 
@@ -79,7 +80,10 @@ class MemFS(pyfuse3.Operations):
         self.discard_data = discard_data
         self.zstd = zstd
         self._compress = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress
-        self._decompress = zstandard.ZstdDecompressor().decompress
+        self._decompressor = zstandard.ZstdDecompressor()
+        # --zstd: READs are answered from here. pyfuse3 sends a reply before another
+        # handler can run, and _read_frozen does not wait, so one buffer serves them all.
+        self._reply = bytearray()
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, stat.S_IFDIR | 0o755, 0, 0)}
         self._ino = itertools.count(ROOT + 1)
         self._fh = itertools.count(1)
@@ -200,10 +204,20 @@ class MemFS(pyfuse3.Operations):
         if off >= end:
             return b""
         first, last = off // ZSTD_BLOCK, (end - 1) // ZSTD_BLOCK
-        plain = b"".join([self._decompress(payload) if compressed else payload
-                          for compressed, payload in n.frozen[first:last + 1]])
+        need = (last + 1 - first) * ZSTD_BLOCK
+        if len(self._reply) < need:
+            self._reply = bytearray(need)
+        out = memoryview(self._reply)
+        at = 0
+        for compressed, payload in n.frozen[first:last + 1]:
+            if compressed:
+                reader = self._decompressor.stream_reader(payload, read_across_frames=False)
+                at += reader.readinto(out[at:at + ZSTD_BLOCK])
+            else:
+                out[at:at + len(payload)] = payload
+                at += len(payload)
         start = first * ZSTD_BLOCK
-        return memoryview(plain)[off - start:end - start]
+        return out[off - start:end - start]
 
     def _freeze(self, n: Node) -> None:
         if not self.zstd or not n.data or not stat.S_ISREG(n.mode):
@@ -217,7 +231,10 @@ class MemFS(pyfuse3.Operations):
 
     def _thaw(self, n: Node) -> None:
         if n.frozen is not None:
-            n.data = bytearray(self._read_frozen(n, 0, n.frozen_size))
+            data = bytearray()
+            for off in range(0, n.frozen_size, ZSTD_BLOCK):  # not the whole file at once
+                data += self._read_frozen(n, off, ZSTD_BLOCK)
+            n.data = data
             n.frozen, n.frozen_size = None, 0
 
     async def write(self, fh, off, buf):
