@@ -253,9 +253,10 @@ class MemFS(pyfuse3.Operations):
     async def flush(self, fh):
         # The last close of a file freezes it (--zstd) before close() returns, so a
         # benchmark's first read never waits for the compression.
-        ino = self.open_fh[fh]
-        if list(self.open_fh.values()).count(ino) == 1:
-            self._freeze(self.nodes[ino])
+        if self.zstd:
+            ino = self.open_fh[fh]
+            if list(self.open_fh.values()).count(ino) == 1:
+                self._freeze(self.nodes[ino])
 
     async def fsync(self, fh, datasync):
         pass
