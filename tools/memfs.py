@@ -220,7 +220,7 @@ class MemFS(pyfuse3.Operations):
         return out[off - start:end - start]
 
     def _freeze(self, n: Node) -> None:
-        if not self.zstd or not n.data or not stat.S_ISREG(n.mode):
+        if not n.data or not stat.S_ISREG(n.mode):
             return
         blocks = []
         for i in range(0, len(n.data), ZSTD_BLOCK):
@@ -348,7 +348,7 @@ def main() -> None:
     mode.add_argument("--discard-data", action="store_true",
                       help="keep only file sizes: measures FUSE and pyfuse3 alone")
     mode.add_argument("--zstd", action="store_true",
-                      help="keep released files zstd-compressed: decode on every READ")
+                      help="keep closed files zstd-compressed: decode on every READ")
     args = ap.parse_args()
     opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
     opts |= {o for v in args.options for o in v.split(",") if o}
