@@ -6,8 +6,9 @@
 
 A VERSION is a source tree of backupfs (a checkout or `git worktree`), optionally with
 `@ENV` appended, which sets the daemon's BFS_EXP variable for experiment switches; the
-word `memfs` is this tree's tools/memfs.py, and `memfs-zstd` the same with `--zstd` (its
-file kept compressed as backupfs stores it, decoded on every READ). Each version gets
+word `memfs` is this tree's tools/memfs.py, `memfs-zstd` the same with `--zstd` (its
+file kept compressed as backupfs stores it, decoded on every READ), and
+`memfs-zstd-threads` that with `--decode-threads 2`. Each version gets
 its own copy of a store holding 1 GiB of bench_fs's data, written by its own tree's
 code (so versions of different store formats compare), and every version is mounted at
 once. Then each round drops the page cache and reads the same cold segment from each
@@ -43,6 +44,8 @@ from bench_fs import (busy_cpu_s, drop_caches, mixed_data, parse_size,  # noqa: 
                       seq_write, wait_mounted)
 
 PY = sys.executable
+MEMFS_FLAGS = {"memfs": [], "memfs-zstd": ["--zstd"],
+               "memfs-zstd-threads": ["--zstd", "--decode-threads", "2"]}
 
 
 class Version:
@@ -50,7 +53,7 @@ class Version:
         self.spec = spec
         tree, _, exp = spec.partition("@")
         self.tree = tree
-        self.memfs = tree in ("memfs", "memfs-zstd")
+        self.memfs = tree in MEMFS_FLAGS
         self.env = dict(os.environ, BFS_EXP=exp)
         if not self.memfs:
             self.env["PYTHONPATH"] = str(Path(tree).resolve())
@@ -69,8 +72,8 @@ class Version:
         """Mount a copy of `template` (a store), or memfs holding `data`."""
         self.mnt.mkdir(parents=True, exist_ok=True)
         if self.memfs:
-            flags = ["--zstd"] if self.tree == "memfs-zstd" else []
-            self.proc = subprocess.Popen([PY, str(HERE / "memfs.py"), *flags, str(self.mnt)])
+            self.proc = subprocess.Popen(
+                [PY, str(HERE / "memfs.py"), *MEMFS_FLAGS[self.tree], str(self.mnt)])
             wait_mounted(self.mnt, self.proc, "memfs")
             seq_write(self.mnt / "big", data)
             return
@@ -162,7 +165,8 @@ def report(versions: list[Version]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("versions", nargs="+", metavar="VERSION",
-                    help="a backupfs source tree, TREE@EXPERIMENT, memfs or memfs-zstd")
+                    help="a backupfs source tree, TREE@EXPERIMENT, or one of: "
+                         + ", ".join(MEMFS_FLAGS))
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--segment", type=parse_size, default=128 << 20)
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="the file read (default 1G)")

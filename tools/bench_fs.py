@@ -24,7 +24,9 @@ core busy: a target above that ceiling needs less work, not better overlap.
 
 After each round, the sequential write also goes into `memfs --discard-data`, which keeps
 no bytes: the cost of FUSE and pyfuse3 alone (memfs itself is no ceiling for big writes:
-it pays for the fresh memory it stores them in). And the cold read is also measured from
+it pays for the fresh memory it stores them in); and into `memfs --discard-data --seal`,
+which first hashes and compresses every block as backupfs does and then keeps nothing:
+the ceiling of a write that must do that work. And the cold read is also measured from
 `memfs --zstd`, which keeps the file compressed in memory as backupfs stores it and
 decodes it on every READ: the ceiling of a cold read that must decode.
 
@@ -238,6 +240,12 @@ def median_table(rounds: list[dict[str, dict]]) -> tuple[dict, dict]:
     return medians, ratios
 
 
+def cpu_ceiling_MBps(cpu_s_per_gib: float) -> float:
+    """The rate a GiB's worth of work allows if it keeps every core busy."""
+    cores = os.cpu_count() or 1
+    return 2**30 / 1e6 * cores / cpu_s_per_gib if cpu_s_per_gib > 0 else float("inf")
+
+
 def print_cpu_ceilings(medians: dict, size: int) -> None:
     """What each target's work would reach if it kept every core busy: the bytes over
     (busy CPU seconds / cores). A rate above a target's ceiling cannot come from
@@ -250,8 +258,7 @@ def print_cpu_ceilings(medians: dict, size: int) -> None:
         for t in ("raw", "memfs", "backupfs"):
             cpu = medians[t][f"{op}_cpu_s"]
             per_gib = cpu * 2**30 / size
-            ceiling = size / 1e6 / (cpu / cores) if cpu > 0 else float("inf")
-            parts.append(f"{t} {per_gib:.2f} s ({ceiling:.0f} MB/s)")
+            parts.append(f"{t} {per_gib:.2f} s ({cpu_ceiling_MBps(per_gib):.0f} MB/s)")
         print(f"  {op:10} " + ", ".join(parts))
 
 
@@ -274,15 +281,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     raw, store, source = work / "raw", work / "store", work / "small-source"
     mnt_b, mnt_m, mnt_s = work / "mnt-backupfs", work / "mnt-memfs", work / "mnt-sink"
-    mnt_z = work / "mnt-zstd"
-    for p in (raw, mnt_b, mnt_m, mnt_s, mnt_z, source):
+    mnt_z, mnt_seal = work / "mnt-zstd", work / "mnt-seal"
+    for p in (raw, mnt_b, mnt_m, mnt_s, mnt_z, mnt_seal, source):
         p.mkdir(exist_ok=False)
     # The tree that `cp -a` copies in, on the raw disk.
     for i in range(args.files):
         (source / f"file-{i:05d}").write_bytes(os.urandom(4096))
-    memfs = sink = zstd = None
+    memfs = sink = zstd = seal = None
     rounds: list[dict[str, dict]] = []
     sink_MBps: list[float] = []  # sequential write into memfs --discard-data
+    seal_write: list[tuple[float, float]] = []  # ... and with --seal: MB/s, CPU s
     zstd_read: list[tuple[float, float]] = []  # cold read out of memfs --zstd: MB/s, CPU s
     targets = [("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)]
     try:
@@ -296,9 +304,12 @@ def main() -> None:
                                 stdin=subprocess.DEVNULL)
         zstd = subprocess.Popen([PY, str(HERE / "memfs.py"), "--zstd", str(mnt_z)],
                                 stdin=subprocess.DEVNULL)
+        seal = subprocess.Popen([PY, str(HERE / "memfs.py"), "--discard-data", "--seal",
+                                 str(mnt_seal)], stdin=subprocess.DEVNULL)
         wait_mounted(mnt_m, memfs, "memfs")
         wait_mounted(mnt_s, sink, "memfs --discard-data")
         wait_mounted(mnt_z, zstd, "memfs --zstd")
+        wait_mounted(mnt_seal, seal, "memfs --discard-data --seal")
         wait_mounted(mnt_b, None, "backupfs")
         for n in range(args.rounds):
             # Fresh bytes every round: backupfs must not dedup against the last round.
@@ -313,6 +324,9 @@ def main() -> None:
             print(f"round {n + 1}: measuring the FUSE channel alone ...", flush=True)
             sink_MBps.append(seq_write(mnt_s / "big", data)[0])
             os.unlink(mnt_s / "big")
+            print(f"round {n + 1}: measuring the write that only seals ...", flush=True)
+            seal_write.append(seq_write(mnt_seal / "big", data))
+            os.unlink(mnt_seal / "big")
             print(f"round {n + 1}: measuring the cold read that only decodes ...", flush=True)
             seq_write(mnt_z / "big", data)  # compressed as its close returns
             zstd_read.append(cold_read(mnt_z / "big", size))
@@ -322,7 +336,7 @@ def main() -> None:
     finally:
         if is_mounted(mnt_b):
             subprocess.run([PY, "-m", "backupfs", "umount", str(mnt_b)], cwd=REPO)
-        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s), (zstd, mnt_z)):
+        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s), (zstd, mnt_z), (seal, mnt_seal)):
             if proc is None:
                 continue
             subprocess.run(["fusermount3", "-u", str(mnt)])
@@ -353,6 +367,13 @@ def main() -> None:
     print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {channel:.0f} MB/s, "
           f"{channel / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "
           f"{medians['backupfs']['seq_write_MBps'] / channel:.2f}x of it")
+    seal_MBps = statistics.median(r[0] for r in seal_write)
+    seal_cpu = statistics.median(r[1] for r in seal_write) * 2**30 / size
+    print(f"write that only hashes and compresses (memfs --discard-data --seal): "
+          f"{seal_MBps:.0f} MB/s, {seal_MBps / medians['raw']['seq_write_MBps']:.2f}x raw, "
+          f"at {seal_cpu:.2f} busy CPU s per GiB (at most {cpu_ceiling_MBps(seal_cpu):.0f} "
+          f"MB/s on {os.cpu_count()} cores); backupfs writes at "
+          f"{medians['backupfs']['seq_write_MBps'] / seal_MBps:.2f}x of it")
     zstd_MBps = statistics.median(r[0] for r in zstd_read)
     print(f"cold read that only decodes (memfs --zstd): {zstd_MBps:.0f} MB/s, "
           f"{zstd_MBps / medians['memfs']['cold_read_MBps']:.2f}x memfs, at "
@@ -368,6 +389,7 @@ def main() -> None:
                        "cpus": os.cpu_count(), "rounds": rounds, "medians": medians,
                        "ratios": ratios, "sink_seq_write_MBps": sink_MBps,
                        "zstd_cold_read": [{"MBps": r[0], "cpu_s": r[1]} for r in zstd_read],
+                       "seal_seq_write": [{"MBps": r[0], "cpu_s": r[1]} for r in seal_write],
                        "store_packs_MB_after_run": stored / 1e6},
                       f, indent=2)
         print(f"wrote {args.json}")

@@ -7,7 +7,8 @@ entry/attr timeouts, writeback cache, a getxattr that answers at once: EOPNOTSUP
 ACLs and SELinux labels, ENOATTR for the rest; the same read-ahead), so the difference
 between the two is what backupfs's own work costs, not FUSE or pyfuse3.
 
-    tools/memfs.py MOUNTPOINT [-o allow_other] [--discard-data | --zstd]
+    tools/memfs.py MOUNTPOINT [-o allow_other] [--discard-data [--seal] |
+                                                 --zstd [--decode-threads N]]
                                   # foreground; unmount with fusermount3 -u
 
 --discard-data keeps only each file's size (reads give zeros): the cost of moving bytes
@@ -16,11 +17,20 @@ into it cost its daemon 2.5 s of system time against 0.55 s of user time (the fr
 memory its bytearrays grow into), which a filesystem that passes the bytes on to the
 disk does not pay.
 
+--seal, with --discard-data, first does to every 128 KiB written the CPU work backupfs
+does to a new block (its own `codec.encode`: BLAKE3 to name it, zstd at backupfs's
+hurried level, the fastest that still Huffman-codes literals, and the XXH3 checksum a
+record carries), in two worker threads as backupfs's sealers do, 4 MiB a batch, at most
+two batches at work and one waiting; a flush or fsync waits for them. The result is
+thrown away: the ceiling of a write that must hash and compress, with no index or disk.
+
 --zstd keeps each file zstd-compressed in memory from its last handle's close on (128
 KiB blocks at level 3, a block that does not shrink kept as it is: what backupfs stores)
 and decompresses the blocks a READ spans in the event loop, each straight into its place
 in one reused reply buffer (as backupfs's decoders do into theirs): the ceiling of a
 cold read that must decode, with no disk, index or checksum behind it.
+--decode-threads N decodes each READ's blocks in a worker thread instead, N at a time:
+the same ceiling with the decoding moved off the event loop's core.
 
 Supports files, directories, read/write, truncate, chmod/chown/utimens, rename, unlink,
 rmdir, statfs and fsync (a no-op). Not a filesystem to keep anything in.
@@ -33,6 +43,7 @@ import errno
 import itertools
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,11 +56,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backupfs.daemon.mountinfo import set_read_ahead_once_serving  # noqa: E402
 from backupfs.daemon.serve import READ_AHEAD_KB  # noqa: E402
 from backupfs.fs.operations import UNSUPPORTED_XATTRS  # noqa: E402
+from backupfs.store import codec  # noqa: E402
+from backupfs.store.config import HURRIED_LEVEL, Compression  # noqa: E402
 
 TIMEOUT = 300.0
 ROOT = pyfuse3.ROOT_INODE
 ZSTD_BLOCK = 128 * 1024  # backupfs's default block size
 ZSTD_LEVEL = 3  # and compression level
+SEAL_BATCH = 4 << 20  # --seal: bytes per hand-off to a worker thread
+SEAL_THREADS = 2
+SEAL_COMPRESSION = Compression("zstd", HURRIED_LEVEL, adaptive=False)
 
 
 class Node:
@@ -72,18 +88,96 @@ class Node:
         self.frozen_size = 0
 
 
+class Sealer:
+    """--seal: backupfs's CPU work on every block written, in worker threads.
+
+    Batches are filled into buffers kept from batch to batch: on this VM, memory a
+    process has not touched lately costs more to write than the sealing saves
+    (docs/performance.md, "Fresh memory on this VM"), and backupfs reuses its buffers too.
+    """
+
+    def __init__(self):
+        self._send, self._recv = trio.open_memory_channel(0)
+        self._spare = [bytearray(SEAL_BATCH) for _ in range(SEAL_THREADS + 2)]
+        self._filling = self._spare.pop()
+        self._filled = 0
+        self._busy = 0  # batches handed over and not yet sealed
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(SEAL_THREADS):
+                nursery.start_soon(self._work)
+
+    async def _work(self) -> None:
+        async for buf, size in self._recv:
+            await trio.to_thread.run_sync(seal_blocks, memoryview(buf)[:size])
+            self._spare.append(buf)
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def add(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = min(len(view), SEAL_BATCH - self._filled)
+            self._filling[self._filled:self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == SEAL_BATCH:
+                await self._hand_over()
+
+    async def _hand_over(self) -> None:
+        batch = (self._filling, self._filled)
+        # One per thread at work, one waiting in the send below, one filling: a new
+        # one only when another WRITE fills a batch while this one waits.
+        self._filling = self._spare.pop() if self._spare else bytearray(SEAL_BATCH)
+        self._filled = 0
+        if not self._busy:
+            self._idle = trio.Event()
+        self._busy += 1
+        await self._send.send(batch)  # waits while both threads are at work
+
+    async def drain(self) -> None:
+        if self._filled:
+            await self._hand_over()
+        await self._idle.wait()
+
+
+def seal_blocks(batch: memoryview) -> None:
+    view = batch.toreadonly()
+    for i in range(0, len(view), ZSTD_BLOCK):
+        codec.encode(view[i:i + ZSTD_BLOCK], SEAL_COMPRESSION, checked=True)
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # One per thread: a ZstdDecompressor is not thread-safe.
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
 class MemFS(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, discard_data: bool = False, zstd: bool = False):
+    def __init__(self, discard_data: bool = False, zstd: bool = False,
+                 sealer: Sealer | None = None, decode_threads: int = 0):
         super().__init__()
         self.discard_data = discard_data
         self.zstd = zstd
+        self.sealer = sealer
         self._compress = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress
-        self._decompressor = zstandard.ZstdDecompressor()
         # --zstd: READs are answered from here. pyfuse3 sends a reply before another
         # handler can run, and _read_frozen does not wait, so one buffer serves them all.
         self._reply = bytearray()
+        # --decode-threads: a buffer for each READ at work in a thread.
+        self._decoding = trio.CapacityLimiter(decode_threads) if decode_threads else None
+        self._spare: list[bytearray] = []
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, stat.S_IFDIR | 0o755, 0, 0)}
         self._ino = itertools.count(ROOT + 1)
         self._fh = itertools.count(1)
@@ -189,7 +283,16 @@ class MemFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         n = self.nodes[self.open_fh[fh]]
         if n.frozen is not None:
-            return self._read_frozen(n, off, size)
+            if self._decoding is None:
+                return self._read_frozen(n, off, size, self._reply)
+            buf = self._spare.pop() if self._spare else bytearray()
+            try:
+                return await trio.to_thread.run_sync(self._read_frozen, n, off, size, buf,
+                                                     limiter=self._decoding)
+            finally:
+                # Back before pyfuse3 replies from it, which it does before any other
+                # task (so any other thread) can have it.
+                self._spare.append(buf)
         if self.discard_data:
             return bytes(max(0, min(size, n.discarded_size - off)))
         # A view, not a copy: pyfuse3 sends it before another task can resize the
@@ -199,19 +302,20 @@ class MemFS(pyfuse3.Operations):
         # "A steady ceiling, and the cold read against it").
         return memoryview(n.data)[off:off + size]
 
-    def _read_frozen(self, n: Node, off: int, size: int) -> memoryview | bytes:
+    def _read_frozen(self, n: Node, off: int, size: int,
+                     buf: bytearray) -> memoryview | bytes:
         end = min(off + size, n.frozen_size)
         if off >= end:
             return b""
         first, last = off // ZSTD_BLOCK, (end - 1) // ZSTD_BLOCK
         need = (last + 1 - first) * ZSTD_BLOCK
-        if len(self._reply) < need:
-            self._reply = bytearray(need)
-        out = memoryview(self._reply)
+        if len(buf) < need:
+            buf.extend(bytes(need - len(buf)))  # in place: the caller keeps it
+        out = memoryview(buf)
         at = 0
         for compressed, payload in n.frozen[first:last + 1]:
             if compressed:
-                reader = self._decompressor.stream_reader(payload, read_across_frames=False)
+                reader = _decompressor().stream_reader(payload, read_across_frames=False)
                 at += reader.readinto(out[at:at + ZSTD_BLOCK])
             else:
                 out[at:at + len(payload)] = payload
@@ -233,7 +337,7 @@ class MemFS(pyfuse3.Operations):
         if n.frozen is not None:
             data = bytearray()
             for off in range(0, n.frozen_size, ZSTD_BLOCK):  # not the whole file at once
-                data += self._read_frozen(n, off, ZSTD_BLOCK)
+                data += self._read_frozen(n, off, ZSTD_BLOCK, self._reply)
             n.data = data
             n.frozen, n.frozen_size = None, 0
 
@@ -241,6 +345,8 @@ class MemFS(pyfuse3.Operations):
         n = self.nodes[self.open_fh[fh]]
         self._thaw(n)
         if self.discard_data:
+            if self.sealer is not None:
+                await self.sealer.add(buf)
             n.discarded_size = max(n.discarded_size, off + len(buf))
             n.mtime = n.ctime = time.time_ns()
             return len(buf)
@@ -251,6 +357,8 @@ class MemFS(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh):
+        if self.sealer is not None:
+            await self.sealer.drain()
         # The last close of a file freezes it (--zstd) before close() returns, so a
         # benchmark's first read never waits for the compression.
         if self.zstd:
@@ -259,7 +367,8 @@ class MemFS(pyfuse3.Operations):
                 self._freeze(self.nodes[ino])
 
     async def fsync(self, fh, datasync):
-        pass
+        if self.sealer is not None:
+            await self.sealer.drain()
 
     async def release(self, fh):
         self.open_fh.pop(fh, None)
@@ -349,11 +458,23 @@ def main() -> None:
                       help="keep only file sizes: measures FUSE and pyfuse3 alone")
     mode.add_argument("--zstd", action="store_true",
                       help="keep closed files zstd-compressed: decode on every READ")
+    ap.add_argument("--seal", action="store_true",
+                    help="with --discard-data: hash and compress every block written first")
+    ap.add_argument("--decode-threads", type=int, default=0, metavar="N",
+                    help="with --zstd: decode in worker threads, N at a time")
     args = ap.parse_args()
+    if args.seal and not args.discard_data:
+        ap.error("--seal needs --discard-data")
+    if args.decode_threads and not args.zstd:
+        ap.error("--decode-threads needs --zstd")
+    if args.decode_threads < 0:
+        ap.error("--decode-threads must not be negative")
     opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
     opts |= {o for v in args.options for o in v.split(",") if o}
     mountpoint = Path(args.mountpoint).resolve()  # not once mounted: it would ask itself
-    pyfuse3.init(MemFS(args.discard_data, args.zstd), str(mountpoint), opts)
+    sealer = Sealer() if args.seal else None
+    pyfuse3.init(MemFS(args.discard_data, args.zstd, sealer, args.decode_threads),
+                 str(mountpoint), opts)
 
     async def read_ahead(mountpoint: Path) -> None:
         try:
@@ -364,7 +485,10 @@ def main() -> None:
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_ahead, mountpoint)
+            if sealer is not None:
+                nursery.start_soon(sealer.run)
             await pyfuse3.main()
+            nursery.cancel_scope.cancel()  # the sealer's threads wait for work forever
 
     try:
         trio.run(serve)
