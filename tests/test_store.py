@@ -109,6 +109,57 @@ def test_round_trip_random_compressible_empty(opened):
         assert s.blocks.refcount(hashes[name]) == 1
 
 
+def compressed_lengths(monkeypatch) -> list[int]:
+    """The length of everything codec's compressors are given from now on."""
+    seen: list[int] = []
+    real = codec._compressor
+
+    def spy(level):
+        c = real(level)
+        return type("Spy", (), {"compress": lambda self, data: (
+            seen.append(len(data)), c.compress(data))[1]})()
+
+    monkeypatch.setattr(codec, "_compressor", spy)
+    return seen
+
+
+def test_a_block_whose_sample_does_not_shrink_is_not_compressed_whole(monkeypatch):
+    zstd = codec.Compression("zstd", 3)
+    seen = compressed_lengths(monkeypatch)
+    noise = random_block(random.Random(2))
+    assert codec.encode(noise, zstd).codec == CODEC_RAW
+    assert seen == [3 * codec.PROBE_PIECE]  # the sample alone
+    # The trade: compressible bytes that the sample misses are stored raw too.
+    n, piece = 128 * KiB, codec.PROBE_PIECE
+    hidden = bytearray(n)
+    for at in (0, n // 2, n - piece):
+        hidden[at:at + piece] = noise[at:at + piece]
+    assert codec.encode(bytes(hidden), zstd).codec == CODEC_RAW
+
+
+@pytest.mark.parametrize("compressible_piece", [0, 1, 2])
+def test_a_sample_that_shrinks_anywhere_has_the_block_compressed(monkeypatch,
+                                                                compressible_piece):
+    n, piece = 128 * KiB, codec.PROBE_PIECE
+    block = bytearray(random_block(random.Random(3)))
+    # Zeros where one piece of the sample is taken, enough for zstd to keep its output.
+    zeros = 8 * KiB
+    at = (0, n // 2, n - zeros)[compressible_piece]
+    block[at:at + zeros] = bytes(zeros)
+    seen = compressed_lengths(monkeypatch)
+    encoded = codec.encode(bytes(block), codec.Compression("zstd", 3))
+    assert seen == [3 * piece, n]
+    assert encoded.codec == CODEC_ZSTD
+    assert codec.decode_record(b"".join(encoded.record_parts()), encoded.hash, 0, 0) == block
+
+
+def test_a_small_block_is_compressed_whole_without_a_sample(monkeypatch):
+    seen = compressed_lengths(monkeypatch)
+    small = random_block(random.Random(4), codec.PROBE_MIN - 1)
+    assert codec.encode(small, codec.Compression("zstd", 3)).codec == CODEC_RAW
+    assert seen == [codec.PROBE_MIN - 1]
+
+
 def prose_block(seed: int, n: int = 128 * KiB) -> bytes:
     """Text that zstd level 3 packs tighter than level 1 (repeated lines do not)."""
     rng = random.Random(seed)

@@ -64,6 +64,31 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
+# Data that is compressed already (photos, video, archives) gains nothing from zstd,
+# which still runs its whole match search over it: about as long as a compressible
+# block takes at level 1, and twice that at level 3 (docs/performance.md). So a block
+# of PROBE_MIN bytes or more is first judged by a sample, PROBE_PIECE bytes from its
+# start, middle and end, compressed at level 1; a sample that does not shrink by at
+# least 1/PROBE_GAIN stores the block raw at once. ZFS's zstd "early abort" and btrfs's
+# compression heuristic make the same trade: a block that would have shrunk a little,
+# or only where the sample missed, is kept whole.
+PROBE_MIN = 32 * 1024
+PROBE_PIECE = 1024
+PROBE_GAIN = 32
+PROBE_LEVEL = 1
+
+
+def worth_compressing(data: bytes | memoryview) -> bool:
+    """Whether a sample of the block shrinks enough under zstd to compress it all."""
+    n = len(data)
+    if n < PROBE_MIN:
+        return True
+    mid = n // 2
+    sample = b"".join((data[:PROBE_PIECE], data[mid:mid + PROBE_PIECE], data[n - PROBE_PIECE:]))
+    packed = _compressor(PROBE_LEVEL).compress(sample)
+    return len(packed) <= len(sample) - len(sample) // PROBE_GAIN
+
+
 def _decompressor() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "decompressor", None)
     if d is None:
@@ -96,14 +121,15 @@ class EncodedBlock:
 
 def encode(data: bytes | memoryview, compression: Compression,
            digest: bytes | None = None, checked: bool = False) -> EncodedBlock:
-    """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it.
+    """Hash (unless given) and compress one block; keep it raw when zstd does not shrink it
+    (or a sample of it: worth_compressing).
     `checked`: the record carries the plaintext's XXH3-128 (format version 2).
     Bytes or a read-only view are used as they are (a raw payload is the view itself)."""
     if not (isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)):
         data = bytes(data)  # a bytearray could change under a raw payload
     h = digest if digest is not None else block_hash(data)
     codec, payload = CODEC_RAW, data
-    if compression.codec == "zstd" and data:
+    if compression.codec == "zstd" and data and worth_compressing(data):
         packed = _compressor(compression.level).compress(data)
         if len(packed) < len(data):
             codec, payload = CODEC_ZSTD, packed
