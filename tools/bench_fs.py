@@ -26,9 +26,9 @@ After each round, the sequential write also goes into `memfs --discard-data`, wh
 no bytes: the cost of FUSE and pyfuse3 alone (memfs itself is no ceiling for big writes:
 it pays for the fresh memory it stores them in); and into `memfs --discard-data --seal`,
 which first hashes and compresses every block as backupfs does and then keeps nothing:
-the ceiling of a write that must do that work. And the cold read is also measured from
-`memfs --zstd`, which keeps the file compressed in memory as backupfs stores it and
-decodes it on every READ: the ceiling of a cold read that must decode.
+a write with no index, packs or disk behind that work. And the cold read is also
+measured from `memfs --zstd`, which keeps the file compressed in memory as backupfs
+stores it and decodes it on every READ: the ceiling of a cold read that must decode.
 
 The work runs in --rounds rounds (default 3), each with fresh data and the three targets
 in a rotated order, so a burst of noise (a busy neighbour, the host flushing its cache)

@@ -22,7 +22,7 @@ does to a new block (its own `codec.encode`: BLAKE3 to name it, zstd at backupfs
 hurried level, the fastest that still Huffman-codes literals, and the XXH3 checksum a
 record carries), in two worker threads as backupfs's sealers do, 4 MiB a batch, at most
 two batches at work and one waiting; a flush or fsync waits for them. The result is
-thrown away: the ceiling of a write that must hash and compress, with no index or disk.
+thrown away: a write that hashes and compresses as backupfs does, with no index or disk.
 
 --zstd keeps each file zstd-compressed in memory from its last handle's close on (128
 KiB blocks at level 3, a block that does not shrink kept as it is: what backupfs stores)
