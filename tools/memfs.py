@@ -20,9 +20,10 @@ disk does not pay.
 --seal, with --discard-data, first does to every 128 KiB written the CPU work backupfs
 does to a new block (its own `codec.encode`: BLAKE3 to name it, zstd at backupfs's
 hurried level, the fastest that still Huffman-codes literals, and the XXH3 checksum a
-record carries), in two worker threads as backupfs's sealers do, 4 MiB a batch, at most
-two batches at work and one waiting; a flush or fsync waits for them. The result is
-thrown away: a write that hashes and compresses as backupfs does, with no index or disk.
+record carries), in two worker threads as backupfs's sealers do, 4 MiB of WRITEs a
+batch, at most two batches at work and one waiting; a flush or fsync waits for them.
+The result is thrown away: a write that hashes and compresses as backupfs does, with no
+index or disk.
 
 --zstd keeps each file zstd-compressed in memory from its last handle's close on (128
 KiB blocks at level 3, a block that does not shrink kept as it is: what backupfs stores)
@@ -33,7 +34,8 @@ cold read that must decode, with no disk, index or checksum behind it.
 the same ceiling with the decoding moved off the event loop's core.
 
 Supports files, directories, read/write, truncate, chmod/chown/utimens, rename, unlink,
-rmdir, statfs and fsync (a no-op). Not a filesystem to keep anything in.
+rmdir, statfs and fsync (a no-op but for --seal's wait). Not a filesystem to keep
+anything in.
 """
 
 from __future__ import annotations
@@ -91,16 +93,13 @@ class Node:
 class Sealer:
     """--seal: backupfs's CPU work on every block written, in worker threads.
 
-    Batches are filled into buffers kept from batch to batch: on this VM, memory a
-    process has not touched lately costs more to write than the sealing saves
-    (docs/performance.md, "Fresh memory on this VM"), and backupfs reuses its buffers too.
-    """
+    A batch is the WRITEs' own bytes objects, not a copy, as backupfs's dirty buffers
+    keep the blocks a WRITE covers whole."""
 
     def __init__(self):
         self._send, self._recv = trio.open_memory_channel(0)
-        self._spare = [bytearray(SEAL_BATCH) for _ in range(SEAL_THREADS + 2)]
-        self._filling = self._spare.pop()
-        self._filled = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._busy = 0  # batches handed over and not yet sealed
         self._idle = trio.Event()
         self._idle.set()
@@ -111,44 +110,36 @@ class Sealer:
                 nursery.start_soon(self._work)
 
     async def _work(self) -> None:
-        async for buf, size in self._recv:
-            await trio.to_thread.run_sync(seal_blocks, memoryview(buf)[:size])
-            self._spare.append(buf)
+        async for batch in self._recv:
+            await trio.to_thread.run_sync(seal_blocks, batch)
             self._busy -= 1
             if not self._busy:
                 self._idle.set()
 
     async def add(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = min(len(view), SEAL_BATCH - self._filled)
-            self._filling[self._filled:self._filled + n] = view[:n]
-            self._filled += n
-            view = view[n:]
-            if self._filled == SEAL_BATCH:
-                await self._hand_over()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= SEAL_BATCH:
+            await self._hand_over()
 
     async def _hand_over(self) -> None:
-        batch = (self._filling, self._filled)
-        # One per thread at work, one waiting in the send below, one filling: a new
-        # one only when another WRITE fills a batch while this one waits.
-        self._filling = self._spare.pop() if self._spare else bytearray(SEAL_BATCH)
-        self._filled = 0
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
         if not self._busy:
             self._idle = trio.Event()
         self._busy += 1
         await self._send.send(batch)  # waits while both threads are at work
 
     async def drain(self) -> None:
-        if self._filled:
+        if self._pending:
             await self._hand_over()
         await self._idle.wait()
 
 
-def seal_blocks(batch: memoryview) -> None:
-    view = batch.toreadonly()
-    for i in range(0, len(view), ZSTD_BLOCK):
-        codec.encode(view[i:i + ZSTD_BLOCK], SEAL_COMPRESSION, checked=True)
+def seal_blocks(batch: list[bytes]) -> None:
+    for data in batch:
+        view = memoryview(data).toreadonly()
+        for i in range(0, len(view), ZSTD_BLOCK):
+            codec.encode(view[i:i + ZSTD_BLOCK], SEAL_COMPRESSION, checked=True)
 
 
 _local = threading.local()
