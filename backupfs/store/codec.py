@@ -65,11 +65,11 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 # Data that is compressed already (photos, video, archives) gains nothing from zstd,
-# which still runs its whole match search over it: about as long as a compressible
-# block takes at level 1, and twice that at level 3 (docs/performance.md). So a block
-# of PROBE_MIN bytes or more is first judged by a sample, PROBE_PIECE bytes from its
-# start, middle and end, compressed at level 1; a sample that does not shrink by at
-# least 1/PROBE_GAIN stores the block raw at once. ZFS's zstd "early abort" and btrfs's
+# which still runs its whole match search over it: at level 1 or 3, half as long as
+# text takes at level 1, for nothing (docs/performance.md). So a block of PROBE_MIN
+# bytes or more is first judged by a sample, PROBE_PIECE bytes from its start, middle
+# and end, compressed at level 1; a sample that does not shrink by at least
+# 1/PROBE_GAIN stores the block raw at once. ZFS's zstd "early abort" and btrfs's
 # compression heuristic make the same trade: a block that would have shrunk a little,
 # or only where the sample missed, is kept whole.
 PROBE_MIN = 32 * 1024
