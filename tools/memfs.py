@@ -137,7 +137,7 @@ class Sealer:
 
 def seal_blocks(batch: list[bytes]) -> None:
     for data in batch:
-        view = memoryview(data).toreadonly()
+        view = memoryview(data)  # of bytes: read-only, as encode wants
         for i in range(0, len(view), ZSTD_BLOCK):
             codec.encode(view[i:i + ZSTD_BLOCK], SEAL_COMPRESSION, checked=True)
 
