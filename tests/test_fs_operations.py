@@ -373,6 +373,99 @@ async def test_a_file_replaced_while_looked_up_keeps_its_unsealed_data(fs):
     assert e.value.errno == errno.ENOENT
 
 
+async def test_a_closed_files_buffers_go_once_its_blocks_are_stored(fs):
+    # Kept, they would grow with every file a long mount writes, and every commit and
+    # listing would walk them.
+    for i in range(20):
+        fh, ino = await new_file(fs, b"f%d" % i)
+        await fs.write(fh, 0, b"x" * (BS + 100))
+        await fs.release(fh)
+    assert len(fs.data.buffers) == 20    # closed, but their last blocks are unsealed
+    await fs.txg.commit()
+    assert fs.data.buffers == {}
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(fh, 0, 2 * BS) == b"x" * (BS + 100)
+
+
+async def test_an_open_files_buffers_outlive_a_commit(fs):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"x" * 100)
+    await fs.txg.commit()
+    assert ino in fs.data.buffers       # a WRITE may still extend what it keeps
+    await fs.release(fh)
+    assert fs.data.buffers == {}
+
+
+async def test_a_truncate_of_a_closed_file_leaves_no_buffers(fs):
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"a" * (2 * BS))
+    await fs.release(fh)
+    await fs.txg.commit()
+    e = pyfuse3.EntryAttributes()
+    e.st_size = BS       # on a block boundary: nothing left to seal
+    await fs.setattr(ino, e, fields(update_size=True), None, CTX)   # truncate(path)
+    assert fs.data.buffers == {}
+    e.st_size = 100      # mid-block: the block now holding the end is rewritten
+    await fs.setattr(ino, e, fields(update_size=True), None, CTX)
+    await fs.txg.commit()
+    assert fs.data.buffers == {}
+    e.st_size = BS
+    await fs.setattr(ino, e, fields(update_size=True), None, CTX)
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(fh, 0, 2 * BS) == b"a" * 100 + bytes(BS - 100)
+
+
+async def test_a_seal_ending_during_a_truncate_keeps_the_truncates_buffers(fs, monkeypatch):
+    """A closed file's seal that ends while a truncate of it awaits a stored block must
+    not drop the buffers the truncate is about to fill: the new end's block would be
+    lost, and growing the file back would show the bytes cut off."""
+    import trio
+
+    fh, ino = await new_file(fs)
+    await fs.write(fh, 0, b"a" * (3 * BS))
+    await fs.fsync(fh, False)
+    await fs.write(fh, 2 * BS, b"b" * 10)      # dirty again, then closed
+    await fs.release(fh)
+    sealed, may_seal, block_read, may_read = (trio.Event() for _ in range(4))
+    put_many, block_content = fs.store.blocks.put_many, fs.data._block_content
+
+    async def held_put_many(*args, **kw):
+        hashes = await put_many(*args, **kw)
+        sealed.set()
+        await may_seal.wait()
+        return hashes
+
+    async def held_block_content(*args):
+        content = await block_content(*args)
+        block_read.set()
+        await may_read.wait()
+        return content
+
+    monkeypatch.setattr(fs.store.blocks, "put_many", held_put_many)
+    monkeypatch.setattr(fs.data, "_block_content", held_block_content)
+
+    async def truncate():
+        e = pyfuse3.EntryAttributes()
+        e.st_size = 100
+        await fs.setattr(ino, e, fields(update_size=True), None, CTX)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.data.flush_all)          # block 2 is being sealed
+            await sealed.wait()
+            nursery.start_soon(truncate)                    # reads block 0 to cut it
+            await block_read.wait()
+            may_seal.set()                                  # the seal ends first
+            await trio.testing.wait_all_tasks_blocked()
+            may_read.set()
+    await fs.txg.commit()
+    e = pyfuse3.EntryAttributes()
+    e.st_size = BS
+    await fs.setattr(ino, e, fields(update_size=True), None, CTX)
+    fh = (await fs.open(ino, os.O_RDONLY, CTX)).fh
+    assert await fs.read(fh, 0, BS) == b"a" * 100 + bytes(BS - 100)
+
+
 async def test_new_files_belong_to_the_caller(fs):
     _, ino = await new_file(fs)
     attr = await fs.getattr(ino)

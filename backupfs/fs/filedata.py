@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -62,9 +62,13 @@ class InodeBuffers:
 
 
 class FileContents:
-    def __init__(self, store: Store, namespace, dirty_limit: int = DEFAULT_DIRTY_LIMIT):
+    def __init__(self, store: Store, namespace, is_open: Callable[[int], bool],
+                 dirty_limit: int = DEFAULT_DIRTY_LIMIT):
         self.store = store
         self.ns = namespace
+        # Whether a handle has the inode open: without one no WRITE can come for it, so
+        # its buffers go once they hold nothing (see drop_if_idle).
+        self.is_open = is_open
         self.block_size = store.config.block_size
         self.dirty_limit = dirty_limit
         self.buffers: dict[int, InodeBuffers] = {}
@@ -511,6 +515,8 @@ class FileContents:
                 bufs.changes += 1
         for ino, blocks in mapped.items():
             self.ns.live.write_blocks(ino, blocks)
+        for ino in {bufs.ino for bufs, _, _ in items}:
+            self.drop_if_idle(ino)
 
     async def truncate(self, ino: int, new_size: int) -> None:
         """Cut a file's contents at `new_size`: its buffered bytes and stored blocks past
@@ -531,6 +537,7 @@ class FileContents:
         finally:
             del self._truncating[ino]
             done.set()
+            self.drop_if_idle(ino)
 
     async def _truncate_ended(self, ino: int) -> None:
         """Return once no truncate of the file is under way."""
@@ -617,9 +624,13 @@ class FileContents:
         if bufs is not None:
             self.dirty_bytes -= self.block_size * len(bufs.dirty)
 
-    def release(self, ino: int) -> None:
-        """Drop an inode's (clean) buffers once no handle has it open. Buffers are never
-        dropped while open: a write awaiting a stored block holds on to them."""
+    def drop_if_idle(self, ino: int) -> None:
+        """Forget an inode's buffers once they hold nothing and nothing can add to
+        them: called when its last handle closes, its blocks are stored or its truncate
+        ends. Never while open, nor during a truncate: a write or a truncate awaiting a
+        stored block holds on to them. (Closed, a file has no pages left in the kernel
+        to write back, so the gaps they record are holes meant to be.)"""
         bufs = self.buffers.get(ino)
-        if bufs is not None and not bufs.dirty and not bufs.sealing:
+        if (bufs is not None and not bufs.dirty and not bufs.sealing
+                and ino not in self._truncating and not self.is_open(ino)):
             del self.buffers[ino]

@@ -139,7 +139,8 @@ class BackupFS(pyfuse3.Operations):
         self.store = store
         self.ns = namespace
         self.live = namespace.live
-        self.data = FileContents(store, namespace)
+        self.open_count: Counter[int] = Counter()   # live inode -> open handles
+        self.data = FileContents(store, namespace, is_open=self.open_count.__contains__)
         self.txg = txg or TransactionGroups(store)
         if self.txg.seal is None:
             self.txg.seal = self.data.flush_all
@@ -150,7 +151,6 @@ class BackupFS(pyfuse3.Operations):
         self.block_size = store.config.block_size
         self.enable_writeback_cache = writeback_cache
         self.lookups: Counter[int] = Counter()   # kernel lookup count per live ino
-        self.open_count: Counter[int] = Counter()
         self.slot_handles: Counter[int] = Counter()  # open files and dirs per snapshot slot
         self._fh = itertools.count(1)
         self.files: dict[int, FileHandle] = {}
@@ -581,7 +581,7 @@ class BackupFS(pyfuse3.Operations):
             self.open_count[ino] = left
         else:
             self.open_count.pop(ino, None)
-            self.data.release(ino)
+            self.data.drop_if_idle(ino)
             self._maybe_reclaim(ino)
 
     @fuse_handler
