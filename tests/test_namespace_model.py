@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from backupfs.namespace import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Namespace,
                                 SnapshotHeld)
 from backupfs.namespace import paths
+from backupfs.namespace.namespace import InodeSet
 from backupfs.store import Store
 from nsmodel import MInode, Model, assert_view_matches, check_versions_exact, expect_errno
 
@@ -340,6 +341,13 @@ class NamespaceMachine(RuleBasedStateMachine):
                 stored = table.versions(prefix)
                 expect = (stored[0][0], stored[0][1], len(stored) > 1) if stored else None
                 assert cached == expect, (table.name, prefix)
+        # The orphan set's copy in memory (asked on every FORGET), against LMDB, a copy
+        # loaded afresh (as at the next mount) and the model.
+        stored = {ino for ino, _ in self.ns.orphan_set.items()}
+        assert self.ns.orphan_set._mirror == stored == self.orphans
+        assert InodeSet(self.store, "orphans", mirrored=True)._mirror == stored
+        assert all(ino in self.ns.orphan_set for ino in stored)
+        assert ROOT_INO not in self.ns.orphan_set
 
     @invariant()
     def garbage_collection_is_exact(self):

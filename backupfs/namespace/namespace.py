@@ -33,19 +33,33 @@ FIRST_EPOCH = 1
 
 
 class InodeSet:
-    """A set of inode numbers kept in one LMDB database (orphans, the reclaim queue)."""
+    """A set of inode numbers kept in one LMDB database (orphans, the reclaim queue).
 
-    def __init__(self, store: Store, name: str):
+    `mirrored`: its members are also kept in memory, for a set asked about far more
+    often than it changes (the orphan set, on every FORGET). Only this object changes
+    it, in the one write transaction of the store's one writer, so the copy stays true."""
+
+    def __init__(self, store: Store, name: str, mirrored: bool = False):
         self.store = store
         self.db = store.open_db(name)
+        self._mirror: set[int] | None = None
+        if mirrored:
+            keys = store.txn.cursor(db=self.db).iternext(keys=True, values=False)
+            self._mirror = {U64.unpack(k)[0] for k in keys}
 
     def add(self, ino: int, value: bytes = b"") -> None:
         self.store.txn.put(U64.pack(ino), value, db=self.db)
+        if self._mirror is not None:
+            self._mirror.add(ino)
 
     def discard(self, ino: int) -> None:
         self.store.txn.delete(U64.pack(ino), db=self.db)
+        if self._mirror is not None:
+            self._mirror.discard(ino)
 
     def __contains__(self, ino: int) -> bool:
+        if self._mirror is not None:
+            return ino in self._mirror
         return self.store.txn.get(U64.pack(ino), db=self.db) is not None
 
     def items(self, limit: int | None = None) -> list[tuple[int, bytes]]:
@@ -70,7 +84,8 @@ class Namespace:
                                                self.xattrs)}
         self.deadlist = Deadlist(self)
         self.births = Births(self)
-        self.orphan_set = InodeSet(store, "orphans")       # nlink 0, maybe still open
+        # nlink 0, maybe still open; asked on every FORGET (fs.operations._maybe_reclaim)
+        self.orphan_set = InodeSet(store, "orphans", mirrored=True)
         self.reclaim_queue = InodeSet(store, "reclaim")    # ino -> epoch it died in
         self.catalog = Catalog(store)
         self._snapshot_epochs = self.catalog.epochs()
