@@ -268,7 +268,7 @@ class BackupFS(pyfuse3.Operations):
         if ino not in self.ns.orphan_set:
             # It has names (the set holds exactly the inodes with none, live.py keeps
             # it so): a FORGET's usual case (the kernel dropping 10,000 cached inodes
-            # sends 10,000), answered without reading the inode.
+            # sends 10,000), answered from the set's copy in memory (no LMDB read).
             return
         if self.lookups.get(ino, 0) or self.open_count.get(ino, 0):
             # Not yet: the kernel may still open it (a path walk that found the name
