@@ -420,6 +420,7 @@ async def test_a_seal_ending_during_a_truncate_keeps_the_truncates_buffers(fs, m
     not drop the buffers the truncate is about to fill: the new end's block would be
     lost, and growing the file back would show the bytes cut off."""
     import trio
+    from trio.testing import wait_all_tasks_blocked
 
     fh, ino = await new_file(fs)
     await fs.write(fh, 0, b"a" * (3 * BS))
@@ -456,7 +457,7 @@ async def test_a_seal_ending_during_a_truncate_keeps_the_truncates_buffers(fs, m
             nursery.start_soon(truncate)                    # reads block 0 to cut it
             await block_read.wait()
             may_seal.set()                                  # the seal ends first
-            await trio.testing.wait_all_tasks_blocked()
+            await wait_all_tasks_blocked()
             may_read.set()
     await fs.txg.commit()
     e = pyfuse3.EntryAttributes()
