@@ -69,8 +69,8 @@ def write_files(mnt: Path, steps: int, files: int, pid: int) -> list[float]:
 
 def churn_snapshots(mnt: Path, control: ControlClient, rounds: int,
                     pid: int) -> list[tuple[int, float]]:
-    """The rounds ask the control socket as the CLI does, through its client (a CLI
-    process per snapshot would cost ~0.3 s)."""
+    """The rounds ask the control socket as the CLI does, through its client: starting
+    a CLI process for each would take longer than the snapshot itself."""
     work = mnt / "churn"
     for d in range(3):
         (work / f"d{d}").mkdir(parents=True)
