@@ -45,7 +45,6 @@ import errno
 import itertools
 import stat
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -140,17 +139,6 @@ def seal_blocks(batch: list[bytes]) -> None:
         view = memoryview(data)  # of bytes: read-only, as encode wants
         for i in range(0, len(view), ZSTD_BLOCK):
             codec.encode(view[i:i + ZSTD_BLOCK], SEAL_COMPRESSION, checked=True)
-
-
-_local = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    # One per thread: a ZstdDecompressor is not thread-safe.
-    d = getattr(_local, "decompressor", None)
-    if d is None:
-        d = _local.decompressor = zstandard.ZstdDecompressor()
-    return d
 
 
 class MemFS(pyfuse3.Operations):
@@ -306,7 +294,7 @@ class MemFS(pyfuse3.Operations):
         at = 0
         for compressed, payload in n.frozen[first:last + 1]:
             if compressed:
-                reader = _decompressor().stream_reader(payload, read_across_frames=False)
+                reader = codec.decompressor().stream_reader(payload, read_across_frames=False)
                 at += reader.readinto(out[at:at + ZSTD_BLOCK])
             else:
                 out[at:at + len(payload)] = payload

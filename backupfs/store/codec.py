@@ -89,7 +89,8 @@ def worth_compressing(data: bytes | memoryview) -> bool:
     return len(packed) <= len(sample) - len(sample) // PROBE_GAIN
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
+def decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: a ZstdDecompressor is not thread-safe."""
     d = getattr(_local, "decompressor", None)
     if d is None:
         d = _local.decompressor = zstandard.ZstdDecompressor()
@@ -188,7 +189,7 @@ def decode_record(record: bytes, expected_hash: bytes, pack_id: int, offset: int
         data = bytes(payload)
     else:
         try:
-            data = _decompressor().decompress(payload, max_output_size=raw_len)
+            data = decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
         except MemoryError:
@@ -217,7 +218,7 @@ def decode_record_into(record: bytes | memoryview, expected_hash: bytes, dest: m
         dest[:] = payload
     else:
         try:
-            got = _decompressor().stream_reader(payload, read_across_frames=False).readinto(dest)
+            got = decompressor().stream_reader(payload, read_across_frames=False).readinto(dest)
         except zstandard.ZstdError as e:
             raise CorruptBlock(expected_hash, pack_id, offset, f"zstd: {e}") from None
         if got != raw_len:
