@@ -5,7 +5,8 @@ measured in the same run (these machines are shared and noisy: compare ratios).
 Workloads (needs root: it drops the page cache and mounts):
   1. filesystem    sequential write + fsync, cold read, 10,000 small files (create+write,
                    cold stat, ls -l, read, cp -a in, unlink) on backupfs, memfs (the
-                   Python FUSE ceiling, tools/memfs.py) and the raw disk (tools/bench_fs.py)
+                   Python FUSE ceiling, tools/memfs.py), passthroughfs (a bare FUSE
+                   filesystem over the same disk) and the raw disk (tools/bench_fs.py)
   2. restore       `cp -a` of a tree out of a snapshot, vs the same copy on the raw disk
                    and out of memfs (medians of three rounds)
   3. nightly       rsync a tree in + snapshot; change 1% of the files; rsync + snapshot
@@ -245,12 +246,14 @@ def report(r: dict) -> None:
     print(f"\nload average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end, "
           f"{r['cpus']} CPUs; filesystem figures are medians of "
           f"{len(r['filesystem']['rounds'])} rounds")
-    print(f"{'measure':30} {'raw':>9} {'memfs':>9} {'backupfs':>9} {'b/raw':>6} {'b/memfs':>7}")
+    print(f"{'measure':30} {'raw':>9} {'memfs':>9} {'passthru':>9} {'backupfs':>9} "
+          f"{'b/raw':>6} {'b/memfs':>7} {'b/pt':>6}")
     for k, ratio in ratios.items():
-        a, m, b = fs["raw"][k], fs["memfs"][k], fs["backupfs"][k]
-        print(f"{k:30} {a:9.1f} {m:9.1f} {b:9.1f} {ratio['vs_raw']:6.2f} {ratio['vs_memfs']:7.2f}")
+        a, m, p, b = (fs[t][k] for t in ("raw", "memfs", "passthrough", "backupfs"))
+        print(f"{k:30} {a:9.1f} {m:9.1f} {p:9.1f} {b:9.1f} {ratio['vs_raw']:6.2f} "
+              f"{ratio['vs_memfs']:7.2f} {ratio['vs_passthrough']:6.2f}")
     rs = r["restore"]
-    print(f"{'restore cp -a MB/s':30} {rs['raw_MBps']:9.1f} {rs['memfs_MBps']:9.1f} "
+    print(f"{'restore cp -a MB/s':30} {rs['raw_MBps']:9.1f} {rs['memfs_MBps']:9.1f} {'':9} "
           f"{rs['backupfs_MBps']:9.1f} {rs['ratio']:6.2f} {rs['vs_memfs']:7.2f}")
     print(f"\nnightly backup{'':16} {'full s':>8} {'full MB':>8} {'1% s':>8} {'1% MB':>8} {'total MB':>9}")
     for tool, v in r["nightly"].items():

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""bench_fs: backupfs against the raw disk and the Python FUSE ceiling (tools/memfs.py).
+"""bench_fs: backupfs against the raw disk, the Python FUSE ceiling (tools/memfs.py) and
+a bare FUSE filesystem over the same disk (tools/passthroughfs.py).
 
-Mounts a fresh backupfs store and memfs side by side, then runs the same work on each
-and on a plain directory of the disk that holds the store:
+Mounts a fresh backupfs store, memfs and passthroughfs (over a directory beside the store)
+side by side, then runs the same work on each and on a plain directory of the disk that
+holds the store:
 
   seq write     one file of --size bytes of mixed data (half random, half text-like, so
                 zstd halves it; no two blocks equal, so no dedup) in 1 MiB writes + fsync
@@ -30,12 +32,16 @@ a write with no index, packs or disk behind that work. And the cold read is also
 measured from `memfs --zstd`, which keeps the file compressed in memory as backupfs
 stores it and decodes it on every READ: the ceiling of a cold read that must decode.
 
-The work runs in --rounds rounds (default 3), each with fresh data and the three targets
+passthroughfs does each request with a system call or two on the disk: what the FUSE
+channel and pyfuse3's loop cost a filesystem that keeps its bytes on the disk as they are,
+with nothing of backupfs's own work.
+
+The work runs in --rounds rounds (default 3), each with fresh data and the four targets
 in a rotated order, so a burst of noise (a busy neighbour, the host flushing its cache)
 falls on one round of one target rather than on one target's only figure. The table gives
-medians over the rounds: of each figure, and of the per-round ratios backupfs/raw and
-backupfs/memfs (above 1 is better for rates; for times it is the slowdown), with the
-range of the memfs ratio beside it. --json writes every round's figures.
+medians over the rounds: of each figure, and of the per-round ratios backupfs/raw,
+backupfs/memfs and backupfs/passthroughfs (above 1 is better for rates; for times it is
+the slowdown), with the range of the memfs ratio beside it. --json writes every round's figures.
 Needs root (drop_caches). Run it on an otherwise quiet machine.
 
     sudo .venv/bin/python tools/bench_fs.py [--size 1G] [--files 10000] [--rounds 3]
@@ -59,6 +65,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 CHUNK = 1 << 20
+TARGETS = ("raw", "memfs", "passthrough", "backupfs")
 SETTLE_S = 6.0
 
 
@@ -235,8 +242,10 @@ def median_table(rounds: list[dict[str, dict]]) -> tuple[dict, dict]:
     for k in keys:
         vs_raw = [_ratio(r["backupfs"][k], r["raw"][k]) for r in rounds]
         vs_mem = [_ratio(r["backupfs"][k], r["memfs"][k]) for r in rounds]
+        vs_pt = [_ratio(r["backupfs"][k], r["passthrough"][k]) for r in rounds]
         ratios[k] = {"vs_raw": statistics.median(vs_raw), "vs_memfs": statistics.median(vs_mem),
-                     "vs_memfs_min": min(vs_mem), "vs_memfs_max": max(vs_mem)}
+                     "vs_memfs_min": min(vs_mem), "vs_memfs_max": max(vs_mem),
+                     "vs_passthrough": statistics.median(vs_pt)}
     return medians, ratios
 
 
@@ -255,7 +264,7 @@ def print_cpu_ceilings(medians: dict, size: int) -> None:
           f"allows on {cores} cores:")
     for op in ("seq_write", "cold_read"):
         parts = []
-        for t in ("raw", "memfs", "backupfs"):
+        for t in TARGETS:
             cpu = medians[t][f"{op}_cpu_s"]
             per_gib = cpu * 2**30 / size
             parts.append(f"{t} {per_gib:.2f} s ({cpu_ceiling_MBps(per_gib):.0f} MB/s)")
@@ -263,7 +272,7 @@ def print_cpu_ceilings(medians: dict, size: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="backupfs vs raw disk vs memfs")
+    ap = argparse.ArgumentParser(description="backupfs vs raw disk vs memfs vs passthroughfs")
     ap.add_argument("--size", default="1G", help="size of the sequential file (default 1G)")
     ap.add_argument("--files", type=int, default=10000, help="small files (default 10000)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds to take medians over "
@@ -282,17 +291,19 @@ def main() -> None:
     raw, store, source = work / "raw", work / "store", work / "small-source"
     mnt_b, mnt_m, mnt_s = work / "mnt-backupfs", work / "mnt-memfs", work / "mnt-sink"
     mnt_z, mnt_seal = work / "mnt-zstd", work / "mnt-seal"
-    for p in (raw, mnt_b, mnt_m, mnt_s, mnt_z, mnt_seal, source):
+    mnt_p, backing = work / "mnt-passthrough", work / "passthrough-source"
+    for p in (raw, mnt_b, mnt_m, mnt_s, mnt_z, mnt_seal, mnt_p, backing, source):
         p.mkdir(exist_ok=False)
     # The tree that `cp -a` copies in, on the raw disk.
     for i in range(args.files):
         (source / f"file-{i:05d}").write_bytes(os.urandom(4096))
-    memfs = sink = zstd = seal = None
+    memfs = sink = zstd = seal = passthrough = None
     rounds: list[dict[str, dict]] = []
     sink_MBps: list[float] = []  # sequential write into memfs --discard-data
     seal_write: list[tuple[float, float]] = []  # ... and with --seal: MB/s, CPU s
     zstd_read: list[tuple[float, float]] = []  # cold read out of memfs --zstd: MB/s, CPU s
-    targets = [("raw", raw), ("memfs", mnt_m), ("backupfs", mnt_b)]
+    roots = {"raw": raw, "memfs": mnt_m, "passthrough": mnt_p, "backupfs": mnt_b}
+    targets = [(name, roots[name]) for name in TARGETS]
     try:
         subprocess.run([PY, "-m", "backupfs", "init", str(store)], check=True, cwd=REPO,
                        stdout=subprocess.DEVNULL)
@@ -306,10 +317,13 @@ def main() -> None:
                                 stdin=subprocess.DEVNULL)
         seal = subprocess.Popen([PY, str(HERE / "memfs.py"), "--discard-data", "--seal",
                                  str(mnt_seal)], stdin=subprocess.DEVNULL)
+        passthrough = subprocess.Popen([PY, str(HERE / "passthroughfs.py"), str(backing),
+                                        str(mnt_p)], stdin=subprocess.DEVNULL)
         wait_mounted(mnt_m, memfs, "memfs")
         wait_mounted(mnt_s, sink, "memfs --discard-data")
         wait_mounted(mnt_z, zstd, "memfs --zstd")
         wait_mounted(mnt_seal, seal, "memfs --discard-data --seal")
+        wait_mounted(mnt_p, passthrough, "passthroughfs")
         wait_mounted(mnt_b, None, "backupfs")
         for n in range(args.rounds):
             # Fresh bytes every round: backupfs must not dedup against the last round.
@@ -317,7 +331,8 @@ def main() -> None:
                   flush=True)
             data = mixed_data(size)
             results: dict[str, dict] = {}
-            for name, root in targets[n % 3:] + targets[:n % 3]:
+            turn = n % len(targets)
+            for name, root in targets[turn:] + targets[:turn]:
                 print(f"round {n + 1}: measuring {name} ...", flush=True)
                 results[name] = bench_target(root, data, args.files, source)
             rounds.append(results)
@@ -336,7 +351,8 @@ def main() -> None:
     finally:
         if is_mounted(mnt_b):
             subprocess.run([PY, "-m", "backupfs", "umount", str(mnt_b)], cwd=REPO)
-        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s), (zstd, mnt_z), (seal, mnt_seal)):
+        for proc, mnt in ((memfs, mnt_m), (sink, mnt_s), (zstd, mnt_z), (seal, mnt_seal),
+                          (passthrough, mnt_p)):
             if proc is None:
                 continue
             subprocess.run(["fusermount3", "-u", str(mnt)])
@@ -354,15 +370,15 @@ def main() -> None:
     print(f"size {size / 2**20:.0f} MiB, {args.files} small files, {args.rounds} rounds "
           f"(medians), load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
           f"{os.cpu_count()} CPUs (other work on the machine depresses every column)")
-    head = (f"{'measure':26} {'raw':>9} {'memfs':>9} {'backupfs':>9} {'bfs/raw':>8} "
-            f"{'bfs/mem':>8} {'(range)':>12}")
+    head = (f"{'measure':26} {'raw':>9} {'memfs':>9} {'passthru':>9} {'backupfs':>9} "
+            f"{'bfs/raw':>8} {'bfs/mem':>8} {'(range)':>12} {'bfs/pt':>7}")
     print(head)
     print("-" * len(head))
     for k, r in ratios.items():
-        m = [medians[t][k] for t in ("raw", "memfs", "backupfs")]
+        m = [medians[t][k] for t in TARGETS]
         span = f"{r['vs_memfs_min']:.2f}-{r['vs_memfs_max']:.2f}"
-        print(f"{k:26} {m[0]:9.2f} {m[1]:9.2f} {m[2]:9.2f} {r['vs_raw']:8.2f} "
-              f"{r['vs_memfs']:8.2f} {span:>12}")
+        print(f"{k:26} {m[0]:9.2f} {m[1]:9.2f} {m[2]:9.2f} {m[3]:9.2f} {r['vs_raw']:8.2f} "
+              f"{r['vs_memfs']:8.2f} {span:>12} {r['vs_passthrough']:7.2f}")
     channel = statistics.median(sink_MBps)
     print(f"FUSE channel alone (memfs --discard-data), seq write + fsync: {channel:.0f} MB/s, "
           f"{channel / medians['raw']['seq_write_MBps']:.2f}x raw; backupfs writes at "

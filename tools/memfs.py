@@ -54,11 +54,10 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backupfs.daemon.mountinfo import set_read_ahead_once_serving  # noqa: E402
-from backupfs.daemon.serve import READ_AHEAD_KB  # noqa: E402
 from backupfs.fs.operations import UNSUPPORTED_XATTRS  # noqa: E402
 from backupfs.store import codec  # noqa: E402
 from backupfs.store.config import HURRIED_LEVEL, Compression  # noqa: E402
+from baseline_mount import serve  # noqa: E402
 
 TIMEOUT = 300.0
 ROOT = pyfuse3.ROOT_INODE
@@ -448,31 +447,10 @@ def main() -> None:
         ap.error("--decode-threads needs --zstd")
     if args.decode_threads < 0:
         ap.error("--decode-threads must not be negative")
-    opts = set(pyfuse3.default_options) | {"fsname=memfs", "subtype=memfs"}
-    opts |= {o for v in args.options for o in v.split(",") if o}
     mountpoint = Path(args.mountpoint).resolve()  # not once mounted: it would ask itself
     sealer = Sealer() if args.seal else None
-    pyfuse3.init(MemFS(args.discard_data, args.zstd, sealer, args.decode_threads),
-                 str(mountpoint), opts)
-
-    async def read_ahead(mountpoint: Path) -> None:
-        try:
-            await set_read_ahead_once_serving(mountpoint, READ_AHEAD_KB)
-        except OSError as e:
-            print(f"memfs: read-ahead left at the kernel's default: {e}", file=sys.stderr)
-
-    async def serve() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_ahead, mountpoint)
-            if sealer is not None:
-                nursery.start_soon(sealer.run)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()  # the sealer's threads wait for work forever
-
-    try:
-        trio.run(serve)
-    finally:
-        pyfuse3.close(unmount=True)
+    serve("memfs", MemFS(args.discard_data, args.zstd, sealer, args.decode_threads),
+          mountpoint, args.options, [sealer.run] if sealer is not None else [])
 
 
 if __name__ == "__main__":
