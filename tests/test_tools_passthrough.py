@@ -19,13 +19,13 @@ TOOL = Path(__file__).resolve().parent.parent / "tools" / "passthroughfs.py"
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def passthrough(tmp_path):
+@pytest.fixture(params=[[], ["--threads", "4"]], ids=["loop", "threads"])
+def passthrough(request, tmp_path):
     source, mnt = tmp_path / "source", tmp_path / "mnt"
     source.mkdir()
     mnt.mkdir()
     log = open(tmp_path / "daemon.log", "w+")
-    proc = subprocess.Popen([sys.executable, str(TOOL), str(source), str(mnt)],
+    proc = subprocess.Popen([sys.executable, str(TOOL), *request.param, str(source), str(mnt)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30

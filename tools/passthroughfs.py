@@ -12,8 +12,10 @@ It is configured the way backupfs and memfs are (long entry/attr timeouts, write
 cache, the same read-ahead, EOPNOTSUPP at once for the ACL and SELinux xattrs the kernel
 probes for), and does each request in the event loop with one system call or a few,
 as simply as it can: READ is one `pread`, WRITE one `pwrite`, FSYNC one `fsync`.
+--threads N does each READ's `pread` and each WRITE's `pwrite` in a worker thread
+instead, N at a time, so that the disk's waits and the copies overlap the loop's work.
 
-    tools/passthroughfs.py SOURCE MOUNTPOINT [-o allow_other]
+    tools/passthroughfs.py SOURCE MOUNTPOINT [-o allow_other] [--threads N]
                                   # foreground; unmount with fusermount3 -u
 
 Inode numbers are the source's own. The daemon knows each inode by the paths it has
@@ -33,6 +35,7 @@ import sys
 from pathlib import Path
 
 import pyfuse3
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,8 +50,9 @@ ROOT = pyfuse3.ROOT_INODE
 class PassthroughFS(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, source: str | Path):
+    def __init__(self, source: str | Path, threads: int = 0):
         super().__init__()
+        self._limit = trio.CapacityLimiter(threads) if threads else None
         root = os.fsencode(os.path.realpath(source))
         self._root_ino = os.lstat(root).st_ino
         # Every inode the kernel holds (its lookup count > 0), by the paths it was
@@ -291,10 +295,14 @@ class PassthroughFS(pyfuse3.Operations):
 
     @fuse_handler
     async def read(self, fh, off, size):
+        if self._limit is not None:
+            return await trio.to_thread.run_sync(os.pread, fh, size, off, limiter=self._limit)
         return os.pread(fh, size, off)
 
     @fuse_handler
     async def write(self, fh, off, buf):
+        if self._limit is not None:
+            return await trio.to_thread.run_sync(os.pwrite, fh, buf, off, limiter=self._limit)
         return os.pwrite(fh, buf, off)
 
     @fuse_handler
@@ -335,12 +343,16 @@ def main() -> None:
     ap.add_argument("source", help="the directory whose files the mount shows")
     ap.add_argument("mountpoint")
     ap.add_argument("-o", dest="options", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=0, metavar="N",
+                    help="pread and pwrite in worker threads, N at a time")
     args = ap.parse_args()
     if not os.path.isdir(args.source):
         ap.error(f"{args.source}: not a directory")
+    if args.threads < 0:
+        ap.error("--threads must not be negative")
     mountpoint = Path(args.mountpoint).resolve()  # not once mounted: it would ask itself
     os.umask(0)  # modes arrive with the caller's umask applied, and must stay as they are
-    serve("passthroughfs", PassthroughFS(args.source), mountpoint, args.options)
+    serve("passthroughfs", PassthroughFS(args.source, args.threads), mountpoint, args.options)
 
 
 if __name__ == "__main__":
