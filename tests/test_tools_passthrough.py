@@ -98,6 +98,20 @@ def test_files_a_listing_gave_the_kernel_can_be_opened(passthrough):
         assert (mnt / f"made-beneath-{i:02}").read_text() == str(i)
 
 
+def test_open_file_with_no_name_left_still_changes(passthrough):
+    source, mnt = passthrough
+    with open(mnt / "doomed", "w+b") as f:
+        f.write(b"x" * 10000)
+        os.unlink(mnt / "doomed")
+        os.ftruncate(f.fileno(), 100)
+        os.fchmod(f.fileno(), 0o600)
+        assert os.fstat(f.fileno()).st_size == 100
+        assert os.fstat(f.fileno()).st_mode & 0o777 == 0o600
+        f.seek(0)
+        assert f.read() == b"x" * 100
+    assert os.listdir(source) == []
+
+
 def test_rename_over_a_file_replaces_it(passthrough):
     source, mnt = passthrough
     (mnt / "old").write_text("old")

@@ -41,7 +41,8 @@ in a rotated order, so a burst of noise (a busy neighbour, the host flushing its
 falls on one round of one target rather than on one target's only figure. The table gives
 medians over the rounds: of each figure, and of the per-round ratios backupfs/raw,
 backupfs/memfs and backupfs/passthroughfs (above 1 is better for rates; for times it is
-the slowdown), with the range of the memfs ratio beside it. --json writes every round's figures.
+the slowdown), with the range of the memfs ratio beside it. --json writes every round's
+figures.
 Needs root (drop_caches). Run it on an otherwise quiet machine.
 
     sudo .venv/bin/python tools/bench_fs.py [--size 1G] [--files 10000] [--rounds 3]

@@ -47,6 +47,12 @@ TIMEOUT = 300.0  # as memfs
 ROOT = pyfuse3.ROOT_INODE
 
 
+def _by_name(target: int | bytes) -> dict:
+    """The keywords that make a call on a name act on a symlink itself, as a call on a
+    handle does (and may not be given)."""
+    return {} if isinstance(target, int) else {"follow_symlinks": False}
+
+
 class PassthroughFS(pyfuse3.Operations):
     enable_writeback_cache = True
 
@@ -133,32 +139,41 @@ class PassthroughFS(pyfuse3.Operations):
 
     # -- attributes ------------------------------------------------------------------
 
+    def _target(self, inode: int, fh: int | None = None) -> int | bytes:
+        """What a system call on `inode` goes through: the handle the kernel names, else
+        a name of it, else (unlinked but open: the kernel names no handle for fchmod or
+        fstat) any handle open on it."""
+        if fh is not None:
+            return fh
+        if self._paths.get(inode):
+            return self._path(inode)
+        for fd, ino in self._fds.items():
+            if ino == inode:
+                return fd
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
     @fuse_handler
     async def getattr(self, inode, ctx=None):
-        if not self._paths.get(inode):  # unlinked, but still open
-            for fd, ino in self._fds.items():
-                if ino == inode:
-                    return self._entry(os.fstat(fd))
-        return self._entry(os.lstat(self._path(inode)))
+        target = self._target(inode)
+        return self._entry(os.stat(target, **_by_name(target)))
 
     @fuse_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
-        path = self._path(inode) if fh is None else None
+        target = self._target(inode, fh)
+        by_name = _by_name(target)
         if fields.update_size:
-            os.truncate(fh if fh is not None else path, attr.st_size)
-        if path is None:
-            path = self._path(inode)
+            os.truncate(target, attr.st_size)
         if fields.update_mode:
-            os.chmod(path, stat.S_IMODE(attr.st_mode))
+            os.chmod(target, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
-            os.chown(path, attr.st_uid if fields.update_uid else -1,
-                     attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+            os.chown(target, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1, **by_name)
         if fields.update_atime or fields.update_mtime:
-            st = os.lstat(path)
-            os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns),
-                     follow_symlinks=False)
-        return self._entry(os.lstat(path))
+            st = os.stat(target, **by_name)
+            os.utime(target, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                                 attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns),
+                     **by_name)
+        return self._entry(os.stat(target, **by_name))
 
     @fuse_handler
     async def statfs(self, ctx):
