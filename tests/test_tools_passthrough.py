@@ -120,6 +120,8 @@ def test_rename_over_a_file_replaces_it(passthrough):
     assert (mnt / "old").read_text() == "new"
     assert sorted(os.listdir(mnt)) == ["old"]
     assert sorted(os.listdir(source)) == ["old"]
+    (mnt / "old").write_text("after")
+    assert (source / "old").read_text() == "after"
 
 
 def test_modes_owners_times_links_and_xattrs_pass_through(passthrough):

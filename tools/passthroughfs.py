@@ -112,10 +112,11 @@ class PassthroughFS(pyfuse3.Operations):
             return
         self._paths.get(ino, set()).discard(path)
 
-    def _moved(self, old: bytes, new: bytes) -> None:
-        """A rename of `old` to `new`: every path at or under `old` now lies under `new`."""
+    def _moved(self, old: bytes, new: bytes, is_dir: bool, ino: int) -> None:
+        """A rename of `old` (inode `ino`) to `new`: its path, and a directory's every
+        path beneath it, now lie under `new`."""
         prefix = old + b"/"
-        for paths in self._paths.values():
+        for paths in self._paths.values() if is_dir else [self._paths.get(ino, set())]:
             for p in [p for p in paths if p == old or p.startswith(prefix)]:
                 paths.discard(p)
                 paths.add(new + p[len(old):])
@@ -237,15 +238,15 @@ class PassthroughFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
-        replaced = None
+        moving = os.lstat(old)
         try:
             replaced = os.lstat(new)
         except FileNotFoundError:
-            pass
+            replaced = None
         os.rename(old, new)
-        if replaced is not None and replaced.st_ino != os.lstat(new).st_ino:
+        if replaced is not None:  # (never another name of `moving`: the kernel answers that)
             self._paths.get(self._ino(replaced), set()).discard(new)
-        self._moved(old, new)
+        self._moved(old, new, stat.S_ISDIR(moving.st_mode), self._ino(moving))
 
     # -- directories -----------------------------------------------------------------
 
