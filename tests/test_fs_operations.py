@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
 
 from backupfs.errors import CorruptBlock
 from backupfs.fs import BackupFS
@@ -95,7 +97,6 @@ async def test_a_big_truncate_serves_other_requests_and_commits_whole(fs, monkey
     """A truncate releases a big file's stored blocks in chunks, serving other requests
     between them; a write to the same file waits for its end, and so does a commit,
     which therefore never records a truncate half done."""
-    import trio
     from backupfs.fs import filedata
 
     monkeypatch.setattr(filedata, "DROP_CHUNK", 4)
@@ -157,7 +158,6 @@ async def test_snapshot_deletions_free_in_chunks_one_at_a_time(fs, monkeypatch):
     """Deleting a snapshot frees what only it saw a chunk at a time, serving requests
     between chunks. A second deletion waits for the first; a file of its snapshot that
     the kernel still knew and opened meanwhile makes it wait for that file's release."""
-    import trio
     from backupfs.fs import operations
     from backupfs.namespace.deletion import SnapshotDeletion
 
@@ -419,9 +419,6 @@ async def test_a_seal_ending_during_a_truncate_keeps_the_truncates_buffers(fs, m
     """A closed file's seal that ends while a truncate of it awaits a stored block must
     not drop the buffers the truncate is about to fill: the new end's block would be
     lost, and growing the file back would show the bytes cut off."""
-    import trio
-    from trio.testing import wait_all_tasks_blocked
-
     fh, ino = await new_file(fs)
     await fs.write(fh, 0, b"a" * (3 * BS))
     await fs.fsync(fh, False)
@@ -577,7 +574,6 @@ async def test_background_sealers_store_full_blocks_without_a_flush(fs, monkeypa
     """With the sealers running, a write of full blocks answers at once and the blocks
     reach the store and the block map in the background; a writer that gets ahead by
     more than SEAL_AHEAD waits; cancelling the sealers loses nothing."""
-    import trio
     from backupfs.fs import filedata
 
     monkeypatch.setattr(filedata, "SEAL_AHEAD", 4 * BS)
@@ -668,7 +664,6 @@ async def test_buffered_bytes_stay_under_the_dirty_limit(fs):
 async def test_sealers_hurry_only_while_writes_outpace_them(fs, monkeypatch):
     """A block stored before the next arrives is compressed at the store's level; a
     backlog of half the sealers' allowance or more asks for the faster one."""
-    import trio
     from backupfs.fs import filedata
 
     monkeypatch.setattr(filedata, "SEAL_AHEAD", 4 * BS)
@@ -709,7 +704,6 @@ async def test_sealers_hurry_only_while_writes_outpace_them(fs, monkeypatch):
 async def test_a_sealer_that_fails_keeps_the_blocks_and_the_mount(fs, monkeypatch):
     """An unexpected error while sealing (a bug, say) must not end the sealers, whose
     nursery is the daemon's: the blocks go back to dirty and the next seal stores them."""
-    import trio
 
     fh, ino = await new_file(fs)
     data = os.urandom(8 * BS)

@@ -65,7 +65,9 @@ class PassthroughFS(pyfuse3.Operations):
         # answered for: a file with hard links may be known by several.
         self._paths: dict[int, set[bytes]] = {ROOT: {root}}
         self._lookups: dict[int, int] = {ROOT: 1}
-        self._fds: dict[int, int] = {}  # file handle (the fd) -> inode, for fstat
+        # File handle (the fd itself) -> inode: how an open file with no name left is
+        # reached (_target).
+        self._fds: dict[int, int] = {}
         self._dirs: dict[int, list[os.DirEntry]] = {}
         self._dir_fh = itertools.count(1)
 

@@ -37,7 +37,8 @@ class InodeSet:
 
     `mirrored`: its members are also kept in memory, for a set asked about far more
     often than it changes (the orphan set, on every FORGET). Only this object changes
-    it, in the one write transaction of the store's one writer, so the copy stays true."""
+    it, in the one write transaction of the store's one writer, which is never rolled
+    back under it (the store aborts one only when it closes), so the copy stays true."""
 
     def __init__(self, store: Store, name: str, mirrored: bool = False):
         self.store = store
